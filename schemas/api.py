@@ -1,0 +1,166 @@
+"""Resources of the management API, ``/api/v2``.
+
+The same models validate requests, shape responses and generate the OpenAPI document, so the
+three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from schemas.events import EVENT_TYPES, EventType
+
+MAX_URL_LENGTH = 2048
+
+Url = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH)]
+Description = Annotated[str, StringConstraints(max_length=1000)]
+EventList = Annotated[
+    list[EventType],
+    Field(
+        min_length=1,
+        max_length=len(EVENT_TYPES),
+        description="Event types to receive; duplicates are removed.",
+    ),
+]
+
+
+def _dedupe(events: list[EventType]) -> list[EventType]:
+    return list(dict.fromkeys(events))
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="WebhookCreate")
+
+    url: Url = Field(description="An https URL on a publicly reachable host.")
+    events: EventList
+    description: Description = ""
+    enabled: bool = True
+
+    _unique_events = field_validator("events")(_dedupe)
+
+
+class WebhookUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="WebhookUpdate")
+
+    url: Url | None = None
+    events: EventList | None = Field(default=None, description="Replaces the whole list.")
+    enabled: bool | None = Field(default=None, description="false pauses delivery at once.")
+    description: Description | None = None
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, events: list[EventType] | None) -> list[EventType] | None:
+        return _dedupe(events) if events is not None else None
+
+
+class Webhook(BaseModel):
+    model_config = ConfigDict(title="Webhook")
+
+    id: str = Field(examples=["wh_01JDQ3V8J6W9E5X1T0M2ZC4R7K"])
+    url: str
+    events: list[str]
+    enabled: bool
+    description: str
+    created_at: datetime
+    updated_at: datetime
+    disabled_reason: str | None = Field(
+        description="Why delivery was stopped by the service (410 Gone, 5 days of failures)."
+    )
+
+
+class WebhookWithSecret(Webhook):
+    model_config = ConfigDict(title="WebhookWithSecret")
+
+    secret: str = Field(
+        description="The whsec_ signing secret; shown on creation and rotation only."
+    )
+
+
+class WebhookList(BaseModel):
+    model_config = ConfigDict(title="WebhookList")
+
+    data: list[Webhook]
+    has_more: bool
+    next_cursor: str | None
+
+
+ErrorKind = Literal[
+    "timeout",
+    "connection_refused",
+    "connection_error",
+    "tls_error",
+    "dns_error",
+    "blocked_address",
+    "http_status",
+    "redirect_not_followed",
+    "invalid_url",
+]
+
+
+class AttemptError(BaseModel):
+    model_config = ConfigDict(title="AttemptError")
+
+    kind: ErrorKind
+    message: str
+
+
+class Attempt(BaseModel):
+    model_config = ConfigDict(title="Attempt")
+
+    id: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    attempt: int = Field(description="1 for the first attempt of this event to this endpoint.")
+    success: bool
+    status_code: int | None = Field(description="null when no response was received.")
+    error: AttemptError | None = Field(description="null on success.")
+    duration_ms: int
+    response_body: str | None = Field(description="The first bytes of the response body.")
+    created_at: datetime
+
+
+class AttemptList(BaseModel):
+    model_config = ConfigDict(title="AttemptList")
+
+    data: list[Attempt]
+    has_more: bool
+    next_cursor: str | None
+
+
+ErrorCode = Literal[
+    "validation_error",
+    "invalid_token",
+    "missing_scope",
+    "not_found",
+    "method_not_allowed",
+    "payload_too_large",
+    "rate_limited",
+    "unavailable",
+    "internal_error",
+]
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(title="Error")
+
+    error: ErrorBody
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=100)
+
+
+class AttemptListQuery(ListQuery):
+    status: Literal["succeeded", "failed"] | None = None

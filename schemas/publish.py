@@ -1,0 +1,112 @@
+"""Publish helper for upstream Python services.
+
+    async with await aio_pika.connect_robust(url) as connection:
+        await publish_event(connection, "order.created", "org_acme", {"order_id": "ord_1"})
+
+The event goes to the durable topic exchange ``sellfern.events`` with the event type as
+routing key, persistent and mandatory, and the call returns only once the broker has
+confirmed it. It raises :class:`PublishError` — never hangs — when the broker cannot be
+reached in time, refuses the message, or has no queue bound for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+from pamqp.commands import Basic
+
+from schemas.events import EventEnvelope, new_event_id
+
+EVENTS_EXCHANGE = "sellfern.events"
+
+
+class PublishError(Exception):
+    """The event was not confirmed by the broker; it may be published again safely."""
+
+
+def build_event(
+    event_type: str,
+    organization_id: str,
+    data: dict[str, Any],
+    *,
+    event_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> EventEnvelope:
+    """Build and validate an envelope (raises pydantic's ValidationError when invalid)."""
+    return EventEnvelope.model_validate(
+        {
+            "id": event_id or new_event_id(),
+            "type": event_type,
+            "organization_id": organization_id,
+            "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(timespec="milliseconds"),
+            "data": data,
+        }
+    )
+
+
+async def publish_envelope(
+    connection: AbstractConnection, envelope: EventEnvelope, *, timeout: float = 10.0
+) -> None:
+    """Publish one envelope and wait for the broker's confirm."""
+    body = envelope.model_dump_json().encode()
+    message = aio_pika.Message(
+        body,
+        message_id=envelope.id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        timestamp=datetime.now(UTC),
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            try:
+                # Idempotent; lets a publisher start before the service has declared it.
+                exchange = await channel.declare_exchange(
+                    EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                confirmation = await exchange.publish(
+                    message, routing_key=envelope.type, mandatory=True
+                )
+            finally:
+                await channel.close()
+    except TimeoutError:
+        raise PublishError(f"no confirm from the broker within {timeout:g}s") from None
+    except aio_pika.exceptions.DeliveryError as exc:
+        raise PublishError(f"the broker returned the event as unroutable: {exc}") from None
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise PublishError(f"broker error: {exc!r}") from None
+    if not isinstance(confirmation, Basic.Ack):
+        raise PublishError(f"the broker did not accept the event: {confirmation!r}")
+
+
+async def publish_event(
+    connection: AbstractConnection,
+    event_type: str,
+    organization_id: str,
+    data: dict[str, Any],
+    *,
+    event_id: str | None = None,
+    occurred_at: datetime | None = None,
+    timeout: float = 10.0,
+) -> EventEnvelope:
+    """Validate, publish and confirm one event; return the envelope that was sent."""
+    envelope = build_event(
+        event_type, organization_id, data, event_id=event_id, occurred_at=occurred_at
+    )
+    await publish_envelope(connection, envelope, timeout=timeout)
+    return envelope
+
+
+async def connect(url: str, *, timeout: float = 10.0) -> AbstractConnection:
+    """Open a connection, failing with :class:`PublishError` instead of waiting forever."""
+    try:
+        return await asyncio.wait_for(aio_pika.connect(url), timeout)
+    except TimeoutError:
+        raise PublishError(f"broker not reachable within {timeout:g}s") from None
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise PublishError(f"broker not reachable: {exc}") from None

@@ -1,0 +1,362 @@
+"""The management API, ``/api/v2``: endpoints, their delivery attempts, tests and redelivery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from yarl import URL
+
+from schemas import api as models
+from worker import guard
+from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.openapi import openapi_document
+from worker.store import Attempt, Token, Webhook
+
+BASE = "/api/v2"
+MAX_BODY_BYTES = 64 * 1024
+REQUIRED_SCOPE = "webhooks:manage"
+SECRET_ROTATION_OVERLAP = timedelta(hours=24)
+
+TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = structlog.get_logger("sellfern_webhooks.api")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        body=model.model_dump_json().encode(), status=status, content_type="application/json"
+    )
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+# --- middlewares ------------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the documented JSON error body."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            413, "payload_too_large", f"request body is over {MAX_BODY_BYTES} bytes"
+        )
+    except web.HTTPNotFound:
+        return error_response(404, "not_found", f"no route {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} not allowed; use {sorted(exc.allowed_methods)}",
+        )
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("request failed", method=request.method, path=request.path)
+        return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    info = request.match_info
+    route = info.route.resource.canonical if info.route.resource else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    else:
+        status = response.status
+        return response
+    finally:
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer-token auth with scope ``webhooks:manage`` on every ``/api/v2`` call but the spec."""
+    if not request.path.startswith(BASE) or request.path == f"{BASE}/openapi.json":
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise ApiError(401, "invalid_token", "send Authorization: Bearer <token>")
+    token = await request.app[STORE].authenticate(credentials.strip())
+    if token is None:
+        raise ApiError(401, "invalid_token", "the token is unknown or revoked")
+    if REQUIRED_SCOPE not in token.scopes:
+        raise ApiError(403, "missing_scope", f"the token lacks scope {REQUIRED_SCOPE}")
+    request[TOKEN] = token
+    structlog.contextvars.bind_contextvars(org_id=token.org_id, token_id=token.id)
+    try:
+        return await handler(request)
+    finally:
+        structlog.contextvars.unbind_contextvars("org_id", "token_id")
+
+
+# --- request helpers --------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "validation_error", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "validation_error", "body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "validation_error", _describe(exc)) from None
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise ApiError(400, "validation_error", _describe(exc)) from None
+
+
+async def validate_url(request: web.Request, raw: str) -> str:
+    """An https URL on a publicly reachable host (http only inside allowed private networks)."""
+    allowed = request.app[SETTINGS].allowed_private_networks
+    try:
+        url = URL(raw)
+    except (ValueError, TypeError):
+        raise ApiError(400, "validation_error", f"url: not a valid URL: {raw!r}") from None
+    if url.scheme not in ("https", "http") or not url.host or not url.is_absolute():
+        raise ApiError(400, "validation_error", "url: must be an absolute https:// URL")
+    if url.user or url.password:
+        raise ApiError(400, "validation_error", "url: credentials in the URL are not allowed")
+    if url.fragment:
+        raise ApiError(400, "validation_error", "url: a fragment is never sent; remove it")
+    literal = guard.parse_ip_literal(url.host)
+    if url.scheme == "http" and not (
+        literal is not None
+        and any(literal in net for net in allowed if net.version == literal.version)
+    ):
+        raise ApiError(400, "validation_error", "url: must use https")
+    try:
+        await guard.check_host(url.host, allowed)
+    except guard.BlockedAddressError as exc:
+        raise ApiError(400, "validation_error", f"url: not publicly reachable: {exc}") from None
+    return raw
+
+
+async def _notify_change(request: web.Request) -> None:
+    """Tell workers to drop cached matches; a lost notice only delays them by the cache TTL."""
+    try:
+        await request.app[NOTIFIER].endpoints_changed(request[TOKEN].org_id)
+    except Exception as exc:
+        log.warning("change notice not published", error=str(exc))
+
+
+async def _own_webhook(request: web.Request) -> Webhook:
+    webhook = await request.app[STORE].get_webhook(
+        request.match_info["webhook_id"], request[TOKEN].org_id
+    )
+    if webhook is None:
+        raise ApiError(404, "not_found", "no such webhook in this organization")
+    return webhook
+
+
+def webhook_resource(webhook: Webhook) -> models.Webhook:
+    return models.Webhook(
+        id=webhook.id,
+        url=webhook.url,
+        events=list(webhook.events),
+        enabled=webhook.enabled,
+        description=webhook.description,
+        created_at=webhook.created_at,
+        updated_at=webhook.updated_at,
+        disabled_reason=webhook.disabled_reason,
+    )
+
+
+def _with_secret(webhook: Webhook) -> models.WebhookWithSecret:
+    return models.WebhookWithSecret(**webhook_resource(webhook).model_dump(), secret=webhook.secret)
+
+
+def attempt_resource(attempt: Attempt) -> models.Attempt:
+    error = None
+    if attempt.error_kind:
+        error = models.AttemptError.model_validate(
+            {"kind": attempt.error_kind, "message": attempt.error_message or ""}
+        )
+    return models.Attempt(
+        id=attempt.id,
+        webhook_id=attempt.webhook_id,
+        event_id=attempt.event_id,
+        event_type=attempt.event_type,
+        attempt=attempt.attempt,
+        success=attempt.success,
+        status_code=attempt.status_code,
+        error=error,
+        duration_ms=attempt.duration_ms,
+        response_body=attempt.response_body,
+        created_at=attempt.created_at,
+    )
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    body = await _body(request, models.WebhookCreate)
+    url = await validate_url(request, body.url)
+    webhook = await request.app[STORE].create_webhook(
+        request[TOKEN].org_id, url, body.events, body.description, body.enabled
+    )
+    await _notify_change(request)
+    log.info("webhook created", webhook_id=webhook.id)
+    return _json(_with_secret(webhook), 201)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    query = _query(request, models.ListQuery)
+    page = await request.app[STORE].list_webhooks(request[TOKEN].org_id, query.limit, query.cursor)
+    return _json(
+        models.WebhookList(
+            data=[webhook_resource(w) for w in page.data],
+            has_more=page.has_more,
+            next_cursor=page.next_cursor,
+        )
+    )
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    return _json(webhook_resource(await _own_webhook(request)))
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    body = await _body(request, models.WebhookUpdate)
+    changes = body.model_dump(exclude_unset=True)
+    for field in ("url", "events", "enabled", "description"):
+        if field in changes and changes[field] is None:
+            raise ApiError(400, "validation_error", f"{field}: may not be null")
+    if "url" in changes:
+        changes["url"] = await validate_url(request, changes["url"])
+    webhook = await request.app[STORE].update_webhook(
+        request[TOKEN].org_id, request.match_info["webhook_id"], changes
+    )
+    if webhook is None:
+        raise ApiError(404, "not_found", "no such webhook in this organization")
+    await _notify_change(request)
+    log.info("webhook updated", webhook_id=webhook.id, fields=sorted(changes))
+    return _json(webhook_resource(webhook))
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    webhook_id = request.match_info["webhook_id"]
+    if not await request.app[STORE].delete_webhook(request[TOKEN].org_id, webhook_id):
+        raise ApiError(404, "not_found", "no such webhook in this organization")
+    await _notify_change(request)
+    log.info("webhook deleted", webhook_id=webhook_id)
+    return web.Response(status=204)
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    webhook = await request.app[STORE].rotate_secret(
+        request[TOKEN].org_id, request.match_info["webhook_id"], SECRET_ROTATION_OVERLAP
+    )
+    if webhook is None:
+        raise ApiError(404, "not_found", "no such webhook in this organization")
+    log.info("webhook secret rotated", webhook_id=webhook.id)
+    return _json(_with_secret(webhook))
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    webhook = await _own_webhook(request)
+    query = _query(request, models.AttemptListQuery)
+    success = None if query.status is None else query.status == "succeeded"
+    page = await request.app[STORE].list_attempts(webhook.id, query.limit, query.cursor, success)
+    return _json(
+        models.AttemptList(
+            data=[attempt_resource(a) for a in page.data],
+            has_more=page.has_more,
+            next_cursor=page.next_cursor,
+        )
+    )
+
+
+async def test_webhook(request: web.Request) -> web.Response:
+    webhook = await _own_webhook(request)
+    attempt = await request.app[DELIVERER].send_test(webhook)
+    return _json(attempt_resource(attempt))
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    webhook = await _own_webhook(request)
+    store = request.app[STORE]
+    previous = await store.get_attempt(webhook.id, request.match_info["attempt_id"])
+    if previous is None:
+        raise ApiError(404, "not_found", "no such delivery attempt for this webhook")
+    event = await store.get_event(previous.event_id)
+    if event is None:
+        raise ApiError(404, "not_found", "the event is no longer retained")
+    attempt = await request.app[DELIVERER].redeliver(webhook, event)
+    return _json(attempt_resource(attempt))
+
+
+async def serve_openapi(_request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(f"{BASE}/webhooks", create_webhook)
+    app.router.add_get(f"{BASE}/webhooks", list_webhooks)
+    app.router.add_get(f"{BASE}/webhooks/{{webhook_id}}", get_webhook)
+    app.router.add_patch(f"{BASE}/webhooks/{{webhook_id}}", update_webhook)
+    app.router.add_delete(f"{BASE}/webhooks/{{webhook_id}}", delete_webhook)
+    app.router.add_post(f"{BASE}/webhooks/{{webhook_id}}/test", test_webhook)
+    app.router.add_post(f"{BASE}/webhooks/{{webhook_id}}/rotate-secret", rotate_secret)
+    app.router.add_get(f"{BASE}/webhooks/{{webhook_id}}/deliveries", list_deliveries)
+    app.router.add_post(
+        f"{BASE}/webhooks/{{webhook_id}}/deliveries/{{attempt_id}}/retry", retry_delivery
+    )
+    app.router.add_get(f"{BASE}/openapi.json", serve_openapi)
+
+
+def api_middlewares() -> list[Any]:
+    # Order: metrics sees the final status of everything; errors turn exceptions into JSON
+    # bodies before metrics records them; auth runs innermost, next to the handlers.
+    return [metrics_middleware, errors_middleware, auth_middleware]

@@ -1,0 +1,153 @@
+"""The ``sellfern-webhooks`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from schemas.events import EVENT_TYPES
+from schemas.publish import PublishError, connect, publish_event
+from worker import __version__, database, runtime
+from worker.logging import configure_logging
+from worker.settings import Settings, SettingsError
+from worker.store import Store
+
+KNOWN_SCOPES = ("webhooks:manage",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sellfern-webhooks",
+        description="Deliver Sellfern events to customers' webhook endpoints. "
+        "Settings come from SELLFERN_WEBHOOKS_* environment variables.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", help="run the API and the worker in one process")
+    commands.add_parser("api", help="run the management API")
+    commands.add_parser("worker", help="run the event and delivery consumers")
+    commands.add_parser("migrate", help="apply database migrations")
+
+    token = commands.add_parser("token", help="manage API tokens").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+    create = token.add_parser("create", help="create a token; prints it once, on the last line")
+    create.add_argument("--org", required=True, help="organization id, e.g. org_acme")
+    create.add_argument("--scope", action="append", required=True, choices=KNOWN_SCOPES)
+    create.add_argument("--name", default="", help="a label for the token")
+    token.add_parser("list", help="list tokens (never their values)")
+    revoke = token.add_parser("revoke", help="revoke a token; takes effect at once")
+    revoke.add_argument("id", help="the token id (tok_…)")
+
+    publish = commands.add_parser("publish", help="publish one event, confirmed by the broker")
+    publish.add_argument("--type", required=True, choices=EVENT_TYPES, metavar="TYPE",
+                         help=f"one of: {', '.join(EVENT_TYPES)}")  # fmt: skip
+    publish.add_argument("--org", required=True, help="organization id, e.g. org_acme")
+    publish.add_argument("--data", required=True, help="the event's data, a JSON object")
+    publish.add_argument("--id", dest="event_id", help="event id (default: a new evt_…)")
+    return parser
+
+
+async def _with_store(settings: Settings, *, auto_migrate: bool) -> Store:
+    engine = database.create_engine(settings.database_url)
+    await database.ensure_schema(engine, auto_migrate=auto_migrate)
+    return Store(engine)
+
+
+async def _migrate(settings: Settings) -> int:
+    engine = database.create_engine(settings.database_url)
+    try:
+        before, after = await database.migrate(engine)
+    finally:
+        await engine.dispose()
+    print(f"database at revision {after} (was {before or 'empty'})")
+    return 0
+
+
+async def _token(args: argparse.Namespace, settings: Settings) -> int:
+    store = await _with_store(settings, auto_migrate=settings.is_sqlite)
+    try:
+        if args.token_command == "create":  # noqa: S105
+            token, plaintext = await store.create_token(args.org, args.scope, args.name)
+            print(
+                f"created token {token.id} for {token.org_id} with scopes {' '.join(token.scopes)}"
+            )
+            print("store it now; it is not shown again:")
+            print(plaintext)
+        elif args.token_command == "list":  # noqa: S105
+            for token in await store.list_tokens():
+                state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
+                used = f"{token.last_used_at:%Y-%m-%dT%H:%M}Z" if token.last_used_at else "never"
+                print(f"{token.id}\t{token.org_id}\t{' '.join(token.scopes)}\t{state}\t"
+                      f"last used {used}\t{token.name}")  # fmt: skip
+        elif not await store.revoke_token(args.id):
+            print(f"no active token {args.id}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.id}")
+    finally:
+        await store.engine.dispose()
+    return 0
+
+
+async def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        print(f"--data is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print("--data must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        connection = await connect(settings.amqp_url)
+        try:
+            envelope = await publish_event(
+                connection, args.type, args.org, data, event_id=args.event_id
+            )
+        finally:
+            await connection.close()
+    except ValidationError as exc:
+        print(f"invalid event: {exc}", file=sys.stderr)
+        return 2
+    except PublishError as exc:
+        print(f"not published: {exc}", file=sys.stderr)
+        return 1
+    print(envelope.id)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.load()
+    except SettingsError as exc:
+        print(f"sellfern-webhooks: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command in ("serve", "api", "worker"):
+            asyncio.run(runtime.run(settings, args.command))
+            return 0
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "token":
+            return asyncio.run(_token(args, settings))
+        return asyncio.run(_publish(args, settings))
+    except database.NotMigratedError as exc:
+        print(f"sellfern-webhooks: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sellfern-webhooks: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

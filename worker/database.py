@@ -1,0 +1,87 @@
+"""Database engine and migrations, the same for PostgreSQL (asyncpg) and SQLite (aiosqlite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class NotMigratedError(Exception):
+    """The database schema is behind the code; the operator should run ``migrate``."""
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An engine with the pragmas SQLite needs to serve an API and a worker at once."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:  # noqa: ANN401 - DB-API connection
+            cursor = dbapi_connection.cursor()
+            # WAL lets readers run beside the one writer; NORMAL is durable across process
+            # crashes (only a power loss can drop the newest commits), the usual WAL pairing.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    def _read(connection: sa.Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(_read)
+
+
+async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
+    """Apply every pending migration; return the revisions before and after."""
+    before = await current_revision(engine)
+
+    def _upgrade(connection: sa.Connection) -> None:
+        config = _alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(_upgrade)
+    return before, head_revision()
+
+
+async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool) -> None:
+    """Make sure the schema is current before serving.
+
+    SQLite is the single-machine store, so it is migrated in place. On PostgreSQL several
+    replicas may start at once, so migrations are an explicit step (a Job in Kubernetes).
+    """
+    if await current_revision(engine) == head_revision():
+        return
+    if auto_migrate:
+        await migrate(engine)
+        return
+    raise NotMigratedError(
+        "the database schema is not current: run `sellfern-webhooks migrate` first"
+    )

@@ -1,0 +1,262 @@
+"""The delivery stage: one task from ``webhooks.deliveries`` becomes one recorded attempt.
+
+For each task: re-check the endpoint (a PATCH ``enabled=false`` or a DELETE stops new attempts
+at once), defer it if the endpoint is at its concurrency cap, sign and POST, record the
+attempt, and on a retryable failure publish the next attempt to its retry tier. The message is
+acked only after the attempt is committed and the retry confirmed by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.events import TEST_EVENT_TYPE, new_event_id
+from worker import topology
+from worker.ids import new_id
+from worker.metrics import Metrics, status_class
+from worker.outcome import Decision, Verdict, decide
+from worker.sender import Sender, Sent
+from worker.settings import Settings
+from worker.store import Attempt, AttemptRecord, DeliveryState, Store, Webhook, utcnow
+from worker.writer import AttemptWriter
+
+log = structlog.get_logger("sellfern_webhooks.delivery")
+
+DISABLED_GONE = "the endpoint answered 410 Gone"
+DISABLED_FAILING = "every delivery failed for {days:g} days"
+
+
+class DeliveryTask(BaseModel):
+    """The body of a message on ``webhooks.deliveries`` and the retry tiers."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: str = Field(min_length=1, max_length=100)
+    webhook_id: str = Field(min_length=1, max_length=40)
+    attempt: int = Field(ge=1, le=1000)
+    event: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Publisher:
+    """Confirmed, persistent publishes to a named queue through the default exchange."""
+
+    def __init__(self, topo: topology.Topology, metrics: Metrics) -> None:
+        self._topology = topo
+        self._metrics = metrics
+
+    async def to_queue(
+        self, queue: str, body: bytes, headers: dict[str, Any] | None = None
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            headers=headers or {},
+        )
+        await self._topology.default_exchange.publish(message, routing_key=queue, timeout=30)
+
+    async def dead_letter(self, body: bytes, reason: str, detail: str) -> None:
+        """Park a message in ``webhooks.dead`` with why, for an operator to inspect."""
+        await self.to_queue(
+            topology.DEAD_QUEUE, body, {"x-reason": reason, "x-detail": detail[:1000]}
+        )
+        self._metrics.dead_lettered.labels(reason).inc()
+
+
+def _state_for(decision: Decision) -> DeliveryState:
+    if decision.verdict is Verdict.SUCCEEDED:
+        return "succeeded"
+    return "pending" if decision.verdict is Verdict.RETRY else "failed"
+
+
+def _attempt(
+    webhook: Webhook, event: dict[str, Any], number: int, sent: Sent, decision: Decision
+) -> Attempt:
+    return Attempt(
+        id=new_id("att"),
+        webhook_id=webhook.id,
+        org_id=webhook.org_id,
+        event_id=event["id"],
+        event_type=event["type"],
+        attempt=number,
+        success=decision.verdict is Verdict.SUCCEEDED,
+        status_code=sent.response.status,
+        error_kind=decision.error_kind,
+        error_message=decision.error_message,
+        duration_ms=sent.duration_ms,
+        response_body=sent.response_body,
+        created_at=utcnow(),
+    )
+
+
+class Deliverer:
+    """Makes attempts: from the queue (``on_message``) and on demand for the API."""
+
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        metrics: Metrics,
+        settings: Settings,
+        publisher: Publisher | None = None,
+        writer: AttemptWriter | None = None,
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self._metrics = metrics
+        self._settings = settings
+        self._publisher = publisher
+        self._writer = writer
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
+
+    # --- from the queue ----------------------------------------------------------------------
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Consumer callback: settle the message in exactly one place."""
+        async with message.process(requeue=True, ignore_processed=True):
+            try:
+                await self._handle(message.body)
+            except Exception:
+                log.exception("delivery task failed; it will be redelivered")
+                # Back off a little so a broken dependency is not hammered; after
+                # DELIVERY_LIMIT redeliveries RabbitMQ moves the task to webhooks.dead.
+                await asyncio.sleep(1)
+                raise
+            finally:
+                structlog.contextvars.clear_contextvars()
+
+    async def _handle(self, body: bytes) -> None:
+        assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
+        try:
+            task = DeliveryTask.model_validate_json(body)
+        except ValidationError as exc:
+            await self._publisher.dead_letter(body, "invalid_task", str(exc))
+            return
+        structlog.contextvars.bind_contextvars(
+            event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
+        )
+        webhook = await self._store.get_webhook(task.webhook_id)
+        if webhook is None or not webhook.enabled:
+            log.info("delivery skipped: endpoint deleted or disabled")
+            self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
+            return
+        if self._in_flight[webhook.id] >= self._settings.endpoint_concurrency:
+            # Hold nothing for a busy endpoint: the task waits in the broker, not in memory,
+            # and the slot goes to another endpoint. A deferral is not an attempt.
+            await self._publisher.to_queue(topology.DEFERRED_QUEUE, body)
+            self._metrics.deferred.inc()
+            return
+        sent = await self._send(webhook, task.event)
+        now = utcnow()
+        decision = decide(sent.response, task.attempt, self._settings.retry_schedule, now)
+        attempt = _attempt(webhook, task.event, task.attempt, sent, decision)
+        next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
+        durable: list[Any] = [self._record(AttemptRecord(attempt, _state_for(decision), next_at))]
+        if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
+            tier = topology.retry_queue_name(decision.next_delay)
+            retry = task.model_copy(update={"attempt": task.attempt + 1})
+            durable.append(self._publisher.to_queue(tier, retry.encode()))
+            self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
+        elif decision.verdict is Verdict.FAILED:
+            durable.append(
+                self._publisher.dead_letter(body, "exhausted", decision.error_message or "")
+            )
+        await asyncio.gather(*durable)
+        await self._after(webhook, task.event, attempt, decision, now)
+
+    async def _record(self, record: AttemptRecord) -> None:
+        if self._writer is not None:
+            await self._writer.record(record)
+        else:
+            await self._store.record_attempts([record])
+
+    async def _send(self, webhook: Webhook, event: dict[str, Any]) -> Sent:
+        self._in_flight[webhook.id] += 1
+        self._metrics.in_flight.inc()
+        try:
+            return await self._sender.send(webhook.url, webhook.signing_secrets(utcnow()), event)
+        finally:
+            self._metrics.in_flight.dec()
+            self._in_flight[webhook.id] -= 1
+            if not self._in_flight[webhook.id]:
+                del self._in_flight[webhook.id]
+
+    async def _after(
+        self,
+        webhook: Webhook,
+        event: dict[str, Any],
+        attempt: Attempt,
+        decision: Decision,
+        now: datetime,
+    ) -> None:
+        """Log and count the attempt; disable the endpoint when it asked or kept failing."""
+        outcome = decision.verdict.value
+        self._metrics.attempts.labels(
+            event["type"], outcome, status_class(attempt.status_code)
+        ).inc()
+        self._metrics.attempt_duration.labels(outcome).observe(attempt.duration_ms / 1000)
+        log.info(
+            "delivery attempt",
+            outcome=outcome,
+            status_code=attempt.status_code,
+            error=decision.error_kind,
+            duration_ms=attempt.duration_ms,
+        )
+        if decision.verdict is Verdict.SUCCEEDED:
+            occurred = datetime.fromisoformat(event["occurred_at"])
+            if event["type"] != TEST_EVENT_TYPE:
+                self._metrics.delivery_lag.labels(event["type"]).observe(
+                    max(0.0, (now - occurred).total_seconds())
+                )
+            return
+        reason = None
+        if decision.verdict is Verdict.GONE:
+            reason, label = DISABLED_GONE, "gone"
+        elif webhook.failing_since and now - webhook.failing_since >= self._auto_disable_after:
+            days = self._auto_disable_after.total_seconds() / 86400
+            reason, label = DISABLED_FAILING.format(days=days), "failing"
+        if reason and await self._store.disable_webhook(webhook.id, reason):
+            self._metrics.endpoints_disabled.labels(label).inc()
+            log.warning("endpoint disabled", reason=reason)
+
+    # --- on demand, for the API --------------------------------------------------------------
+
+    async def send_test(self, webhook: Webhook) -> Attempt:
+        """Send a signed ``webhook.test`` event now and record it as attempt 1."""
+        occurred_at = datetime.now(UTC)
+        event: dict[str, Any] = {
+            "id": new_event_id(),
+            "type": TEST_EVENT_TYPE,
+            "organization_id": webhook.org_id,
+            "occurred_at": occurred_at.isoformat(timespec="milliseconds"),
+            "data": {"webhook_id": webhook.id, "message": "This is a test event."},
+        }
+        await self._store.store_event_and_deliveries(event, occurred_at, [webhook.id])
+        return await self._attempt_now(webhook, event, 1)
+
+    async def redeliver(self, webhook: Webhook, event: dict[str, Any]) -> Attempt:
+        """Send a stored event to an endpoint again now, as its next attempt number."""
+        number = await self._store.last_attempt_number(event["id"], webhook.id) + 1
+        return await self._attempt_now(webhook, event, number)
+
+    async def _attempt_now(self, webhook: Webhook, event: dict[str, Any], number: int) -> Attempt:
+        sent = await self._send(webhook, event)
+        now = utcnow()
+        # A manual attempt is one attempt: it schedules no retries of its own.
+        decision = decide(sent.response, number, (), now)
+        attempt = _attempt(webhook, event, number, sent, decision)
+        await self._store.record_attempts([AttemptRecord(attempt, _state_for(decision), None)])
+        await self._after(webhook, event, attempt, decision, now)
+        return attempt

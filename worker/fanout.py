@@ -1,0 +1,173 @@
+"""The fan-out stage: one event from ``webhooks.events`` becomes one task per subscribed endpoint.
+
+The envelope is validated first; anything malformed is parked in ``webhooks.dead`` with its
+reason and never stops the worker. A valid event is stored with one delivery row per endpoint,
+the tasks are published with confirms, and only then is the event acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from schemas.events import EventEnvelope
+from worker import topology
+from worker.delivery import DeliveryTask, Publisher
+from worker.metrics import Metrics
+from worker.store import Store
+
+log = structlog.get_logger("sellfern_webhooks.fanout")
+
+MAX_NESTING = 32
+# Cached matches are invalidated by change notices; the TTL only bounds the damage of a lost
+# notice (say, the API published while this worker was reconnecting).
+MATCH_CACHE_TTL = 30.0
+
+
+class RejectedEventError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _depth(value: Any, limit: int) -> int:  # noqa: ANN401 - any JSON value
+    """Nesting depth of a JSON value, stopping once past ``limit``."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, Any]]:
+    """Validate an event body; return the envelope and the JSON object as received.
+
+    Raises :class:`RejectedEventError` with a reason from a bounded set.
+    """
+    if len(body) > max_bytes:
+        raise RejectedEventError("oversize", f"{len(body)} bytes; the limit is {max_bytes}")
+    try:
+        raw = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RejectedEventError("invalid_encoding", f"not UTF-8: {exc}") from None
+    except RecursionError:
+        raise RejectedEventError("too_deep", "nested too deeply to parse") from None
+    except ValueError as exc:  # bad JSON, or an integer too long to convert
+        raise RejectedEventError("invalid_json", str(exc)[:500]) from None
+    if not isinstance(raw, dict):
+        raise RejectedEventError("invalid_envelope", "the body must be a JSON object")
+    if _depth(raw, MAX_NESTING) > MAX_NESTING:
+        raise RejectedEventError("too_deep", f"nested deeper than {MAX_NESTING} levels")
+    try:
+        envelope = EventEnvelope.model_validate(raw)
+    except ValidationError as exc:
+        unknown_type = any(e["loc"] == ("type",) for e in exc.errors()) and "type" in raw
+        reason = "unknown_type" if unknown_type else "invalid_envelope"
+        raise RejectedEventError(reason, str(exc)[:1000]) from None
+    return envelope, raw
+
+
+class EndpointMatcher:
+    """Which endpoints an (organization, event type) goes to, cached per process."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}
+
+    async def lookup(self, org_id: str, event_type: str) -> list[str]:
+        key = (org_id, event_type)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        ids = await self._store.subscribed_webhook_ids(org_id, event_type)
+        self._cache[key] = (now + MATCH_CACHE_TTL, ids)
+        return ids
+
+    def invalidate(self, org_id: str) -> None:
+        for key in [k for k in self._cache if k[0] == org_id]:
+            del self._cache[key]
+
+    async def on_change(self, message: AbstractIncomingMessage) -> None:
+        """Consumer callback for ``webhooks.changes`` notices."""
+        async with message.process(ignore_processed=True):
+            try:
+                self.invalidate(str(json.loads(message.body)["org_id"]))
+            except (ValueError, KeyError, TypeError):
+                self._cache.clear()
+
+
+class ChangeNotifier:
+    """Tells every worker that an organization's endpoints changed (API side)."""
+
+    def __init__(self, topo: topology.Topology) -> None:
+        self._exchange = topo.changes_exchange
+
+    async def endpoints_changed(self, org_id: str) -> None:
+        message = aio_pika.Message(json.dumps({"org_id": org_id}).encode())
+        await self._exchange.publish(message, routing_key="", timeout=10)
+
+
+class FanOut:
+    def __init__(
+        self, store: Store, publisher: Publisher, matcher: EndpointMatcher, metrics: Metrics,
+        max_event_bytes: int,
+    ) -> None:  # fmt: skip
+        self._store = store
+        self._publisher = publisher
+        self._matcher = matcher
+        self._metrics = metrics
+        self._max_event_bytes = max_event_bytes
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Consumer callback: settle the message in exactly one place."""
+        async with message.process(requeue=True, ignore_processed=True):
+            try:
+                await self._handle(message.body)
+            except Exception:
+                log.exception("event fan-out failed; it will be redelivered")
+                await asyncio.sleep(1)  # do not hammer a broken dependency
+                raise
+            finally:
+                structlog.contextvars.clear_contextvars()
+
+    async def _handle(self, body: bytes) -> None:
+        try:
+            envelope, raw = parse_event(body, self._max_event_bytes)
+        except RejectedEventError as exc:
+            log.warning("event rejected", reason=exc.reason, detail=exc.detail[:200])
+            self._metrics.events_rejected.labels(exc.reason).inc()
+            await self._publisher.dead_letter(body, exc.reason, exc.detail)
+            return
+        structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
+        webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
+        await self._store.store_event_and_deliveries(raw, envelope.occurred_at, webhook_ids)
+        await asyncio.gather(
+            *(
+                self._publisher.to_queue(
+                    topology.DELIVERIES_QUEUE,
+                    DeliveryTask(
+                        event_id=envelope.id, webhook_id=webhook_id, attempt=1, event=raw
+                    ).encode(),
+                )
+                for webhook_id in webhook_ids
+            )
+        )
+        self._metrics.events_consumed.labels(envelope.type).inc()
+        self._metrics.deliveries_published.labels(envelope.type).inc(len(webhook_ids))
+        log.debug("event fanned out", endpoints=len(webhook_ids))

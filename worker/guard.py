@@ -1,0 +1,171 @@
+"""The SSRF guard: which addresses a webhook may reach.
+
+A URL is refused when its host is, or resolves to, any address in the deny list below (unless
+``ALLOWED_PRIVATE_NETWORKS`` exempts it). The list is explicit because ``ipaddress``'s
+``is_private``/``is_global`` flags miss several ranges, and IPv6 forms that embed an IPv4
+address are unwrapped and checked as that address.
+
+It is applied twice: when an endpoint is created or updated, and at every delivery through
+:class:`GuardedResolver`, so the connection goes to the very address that was checked — there
+is no second lookup for DNS rebinding to race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+        "2001:db8::/32",
+    )
+)
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_TEREDO = ipaddress.ip_network("2001::/32")
+
+
+class BlockedAddressError(OSError):
+    """The destination is not publicly reachable. An ``OSError`` so aiohttp passes it through."""
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, for the transition forms that carry one."""
+    packed = address.packed
+    if address in _MAPPED or address in _NAT64:
+        return ipaddress.IPv4Address(packed[12:])
+    if address in _COMPATIBLE and address not in (
+        ipaddress.IPv6Address("::"),
+        ipaddress.IPv6Address("::1"),
+    ):
+        return ipaddress.IPv4Address(packed[12:])
+    if address in _NAT64_LOCAL:
+        # RFC 8215 local-use prefixes place the IPv4 address in the last 32 bits as well.
+        return ipaddress.IPv4Address(packed[12:])
+    if address in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address(packed[2:6])
+    if address in _TEREDO:
+        # Teredo stores the client's address inverted in the last 32 bits.
+        return ipaddress.IPv4Address(bytes(b ^ 0xFF for b in packed[12:]))
+    return None
+
+
+def is_denied(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> bool:
+    """True when ``address`` may not be reached (after unwrapping any embedded IPv4)."""
+    if any(address in network for network in allowed if network.version == address.version):
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None and address.scope_id:
+            return True  # a zone id only makes sense for link-local destinations
+        inner = embedded_ipv4(address)
+        if inner is not None and is_denied(inner, allowed):
+            return True
+    return any(
+        address in network for network in DENIED_NETWORKS if network.version == address.version
+    )
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """The address if ``host`` is an IP literal, in any form a resolver would accept.
+
+    Besides dotted quads this covers the legacy IPv4 forms ``inet_aton`` takes (``127.1``,
+    ``2130706433``, ``0x7f.0.0.1``), which some HTTP stacks pass straight to ``connect``.
+    """
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0] if ":" in host else host)
+    except ValueError:
+        pass
+    if ":" in host or not host or not all(c in "0123456789abcdefxABCDEFX." for c in host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def check_addresses(host: str, addresses: Iterable[str], allowed: Sequence[IPNetwork]) -> None:
+    """Raise :class:`BlockedAddressError` if any of ``addresses`` is denied."""
+    for raw in addresses:
+        address = ipaddress.ip_address(raw.split("%", 1)[0])
+        if is_denied(address, allowed):
+            raise BlockedAddressError(
+                f"{host} resolves to {address}, which is not publicly reachable"
+            )
+
+
+class GuardedResolver(AbstractResolver):
+    """An aiohttp resolver that refuses names with any denied address."""
+
+    def __init__(self, allowed: Sequence[IPNetwork], inner: AbstractResolver | None = None) -> None:
+        self._allowed = tuple(allowed)
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        literal = parse_ip_literal(host)
+        if literal is not None:
+            check_addresses(host, [str(literal)], self._allowed)
+        results = await self._inner.resolve(host, port, family)
+        check_addresses(host, [r["host"] for r in results], self._allowed)
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def check_host(
+    host: str, allowed: Sequence[IPNetwork], *, resolve_timeout: float = 3.0
+) -> None:
+    """Check a URL's host when an endpoint is saved.
+
+    IP literals are checked as they are; names are resolved and every address checked. A name
+    that does not resolve now is accepted (DNS may be briefly unavailable): the delivery-time
+    check still applies to whatever it resolves to later.
+    """
+    literal = parse_ip_literal(host)
+    if literal is not None:
+        check_addresses(host, [str(literal)], allowed)
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos: list[Any] = await asyncio.wait_for(
+            loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), resolve_timeout
+        )
+    except (OSError, TimeoutError):
+        return
+    check_addresses(host, [str(info[4][0]) for info in infos], allowed)

@@ -1,0 +1,94 @@
+"""Prometheus metrics, on the process's own registry.
+
+Labels come from bounded sets only — event type, outcome, status class, reason, queue, route —
+never a URL or an endpoint id, so the number of series stays small however many customers
+there are.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "sellfern_webhooks"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 300, 1800, 7200, 36000)
+
+
+def status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+class Metrics:
+    """Every metric the service exports. One instance per process, built at the entry point."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events_consumed = Counter(
+            "events_consumed", "Events taken from webhooks.events and fanned out.",
+            ["event_type"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.events_rejected = Counter(
+            "events_rejected", "Events dead-lettered at fan-out, by reason.",
+            ["reason"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.deliveries_published = Counter(
+            "deliveries_published", "Delivery tasks published by fan-out.",
+            ["event_type"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.attempts = Counter(
+            "delivery_attempts", "Delivery attempts, by outcome and response status class.",
+            ["event_type", "outcome", "status_class"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.attempt_duration = Histogram(
+            "delivery_attempt_duration_seconds", "Time from request start to response read.",
+            ["outcome"], buckets=_LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.delivery_lag = Histogram(
+            "delivery_lag_seconds", "From an event's occurred_at to its first successful delivery.",
+            ["event_type"], buckets=_LAG_BUCKETS, namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "deliveries_in_flight", "Delivery attempts under way now.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.deferred = Counter(
+            "deliveries_deferred", "Tasks put back: their endpoint was at its concurrency cap.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.retries_scheduled = Counter(
+            "retries_scheduled", "Retries scheduled, by retry tier (delay in seconds).",
+            ["tier"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.dead_lettered = Counter(
+            "dead_lettered", "Messages sent to webhooks.dead, by reason.",
+            ["reason"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.endpoints_disabled = Counter(
+            "endpoints_disabled", "Endpoints disabled by the service, by reason.",
+            ["reason"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.queue_messages = Gauge(
+            "queue_messages", "Messages ready in each queue (polled).",
+            ["queue"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.queue_consumers = Gauge(
+            "queue_consumers", "Consumers attached to each queue (polled).",
+            ["queue"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.store_batch_size = Histogram(
+            "store_batch_size", "Attempts written per store batch.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.store_write_duration = Histogram(
+            "store_write_duration_seconds", "Time to write one batch of attempts.",
+            buckets=_LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.http_requests = Counter(
+            "http_requests", "Management API requests, by route template, method and status.",
+            ["route", "method", "status"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "Management API request latency.",
+            ["route", "method"], buckets=_LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
+        )  # fmt: skip

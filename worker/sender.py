@@ -1,0 +1,141 @@
+"""The HTTP edge of delivery: one signed POST, and what came back.
+
+One ``aiohttp.ClientSession`` per process. Its connector resolves through the SSRF guard, so
+the connection goes to the address that was checked; redirects are never followed; only a
+bounded excerpt of the response is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from worker import __version__, guard, signing
+from worker.outcome import Response
+from worker.settings import Settings
+
+RESPONSE_EXCERPT_BYTES = 4096
+USER_AGENT = f"Sellfern-Webhooks/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    response: Response
+    duration_ms: int
+    response_body: str | None
+
+
+def payload_body(event: dict[str, Any]) -> bytes:
+    """The body every endpoint receives: ``{id, type, timestamp, data}``, compact JSON."""
+    return json.dumps(
+        {
+            "id": event["id"],
+            "type": event["type"],
+            "timestamp": event["occurred_at"],
+            "data": event["data"],
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+
+
+def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The system trust store, plus ``CA_BUNDLE`` when set."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        resolver=guard.GuardedResolver(settings.allowed_private_networks),
+        ssl=ssl_context(settings.ca_bundle),
+        limit=settings.delivery_concurrency,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=settings.delivery_timeout),
+        headers={"user-agent": USER_AGENT},
+        # Never store customers' cookies between deliveries.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """A short machine-readable kind and a message for an attempt that got no response."""
+    if isinstance(exc, guard.BlockedAddressError):
+        return "blocked_address", str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, guard.BlockedAddressError
+    ):
+        return "blocked_address", str(exc.os_error)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout", "no complete response within the delivery timeout"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "tls_error", str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns_error", str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection_refused", str(exc)
+        return "connection_error", str(exc)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid_url", str(exc)
+    return "connection_error", f"{type(exc).__name__}: {exc}"[:500]
+
+
+class Sender:
+    """Signs and POSTs payloads with the process's one session."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self._session = session
+        self._allowed = settings.allowed_private_networks
+
+    async def send(
+        self, url: str, secrets: Sequence[str], event: dict[str, Any], body: bytes | None = None
+    ) -> Sent:
+        body = payload_body(event) if body is None else body
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": event["id"],
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signing.signature_header(secrets, event["id"], timestamp, body),
+        }
+        started = time.perf_counter()
+        try:
+            target = URL(url)
+            # aiohttp connects to IP literals without asking the resolver: check them here.
+            literal = guard.parse_ip_literal(target.host or "")
+            if literal is not None:
+                guard.check_addresses(target.host or "", [str(literal)], self._allowed)
+            async with self._session.post(
+                target, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                excerpt = await response.content.read(RESPONSE_EXCERPT_BYTES)
+                if not response.content.at_eof():
+                    # Do not drain a huge or endless body to reuse the connection: drop it.
+                    response.close()
+                sent_response = Response(
+                    status=response.status, retry_after=response.headers.get("Retry-After")
+                )
+        except Exception as exc:  # every failure of one attempt is that attempt's result
+            kind, message = classify_error(exc)
+            return Sent(Response(None, kind, message[:1000]), _elapsed_ms(started), None)
+        return Sent(
+            sent_response, _elapsed_ms(started), excerpt.decode("utf-8", errors="replace") or None
+        )
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)

@@ -1,0 +1,114 @@
+"""The service's settings: environment variables prefixed ``SELLFERN_WEBHOOKS_`` and nothing else.
+
+Built once at the entry point (``Settings.load()``) and passed down; no other module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(Exception):
+    """A setting has a value the service cannot start with; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SELLFERN_WEBHOOKS_", case_sensitive=False, extra="ignore"
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./sellfern-webhooks.db"
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    api_host: str = "0.0.0.0"  # noqa: S104 - the API is meant to be reached from outside the pod
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    retry_schedule: Annotated[tuple[float, ...], NoDecode] = (
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        36000,
+    )
+    delivery_timeout: float = Field(default=15, gt=0, le=300)
+    ca_bundle: str | None = None
+    allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Tuning knobs; the defaults suit one worker process on two cores.
+    delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
+    endpoint_concurrency: int = Field(default=32, ge=1, le=10_000)
+    shutdown_drain_seconds: float = Field(default=20, ge=0)
+    max_event_bytes: int = Field(default=256 * 1024, ge=1024)
+    auto_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in SUPPORTED_DATABASE_SCHEMES:
+            supported = ", ".join(f"{s}://" for s in SUPPORTED_DATABASE_SCHEMES)
+            raise ValueError(f"unsupported database URL scheme {scheme!r}; use one of {supported}")
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            delays = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError(
+                f"expected comma-separated seconds such as 5,300,1800, got {value!r}"
+            ) from None
+        if any(d <= 0 for d in delays):
+            raise ValueError("every delay must be a positive number of seconds")
+        return delays
+
+    @field_validator("allowed_private_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            return tuple(
+                ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip()
+            )
+        except ValueError as exc:
+            raise ValueError(f"expected comma-separated CIDRs such as 127.0.0.0/8: {exc}") from None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def load(cls) -> Settings:
+        """Read the environment; raise :class:`SettingsError` naming each bad variable."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            lines = []
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else "?"
+                message = error["msg"].removeprefix("Value error, ")
+                lines.append(f"SELLFERN_WEBHOOKS_{field.upper()}: {message}")
+            raise SettingsError("; ".join(lines)) from None
