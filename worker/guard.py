@@ -122,9 +122,8 @@ def check_addresses(host: str, addresses: Iterable[str], allowed: Sequence[IPNet
     for raw in addresses:
         address = ipaddress.ip_address(raw.split("%", 1)[0])
         if is_denied(address, allowed):
-            raise BlockedAddressError(
-                f"{host} resolves to {address}, which is not publicly reachable"
-            )
+            where = f"{host} is" if host.strip("[]") == str(address) else f"{host} resolves to"
+            raise BlockedAddressError(f"{where} {address}, which is not publicly reachable")
 
 
 class GuardedResolver(AbstractResolver):
