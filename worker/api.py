@@ -244,7 +244,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     body = await _body(request, models.WebhookCreate)
     url = await validate_url(request, body.url)
     webhook = await request.app[STORE].create_webhook(
-        request[TOKEN].org_id, url, body.events, body.description, body.enabled
+        request[TOKEN].org_id, url, body.events, body.description, enabled=body.enabled
     )
     await _notify_change(request)
     log.info("webhook created", webhook_id=webhook.id)

@@ -243,7 +243,13 @@ class Store:
     # --- webhooks -------------------------------------------------------------------------
 
     async def create_webhook(
-        self, org_id: str, url: str, event_types: Sequence[str], description: str, enabled: bool
+        self,
+        org_id: str,
+        url: str,
+        event_types: Sequence[str],
+        description: str,
+        *,
+        enabled: bool,
     ) -> Webhook:
         now = utcnow()
         webhook = Webhook(
