@@ -209,6 +209,9 @@ class Deliverer:
         self._metrics.attempt_duration.labels(outcome).observe(attempt.duration_ms / 1000)
         log.info(
             "delivery attempt",
+            event_id=attempt.event_id,
+            webhook_id=attempt.webhook_id,
+            attempt=attempt.attempt,
             outcome=outcome,
             status_code=attempt.status_code,
             error=decision.error_kind,

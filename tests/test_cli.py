@@ -1,0 +1,146 @@
+"""The command line, run as an operator runs it: a subprocess with environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import aio_pika
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from tests.conftest import PG_ADMIN_DSN
+from worker import database
+from worker.store import Store, hash_token
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SELLFERN_WEBHOOKS_")}
+    full_env.update(env or {})
+    return subprocess.run(  # noqa: S603 - our own entry point
+        [sys.executable, "-m", "worker.cli", *args],
+        env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    return {"SELLFERN_WEBHOOKS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"}
+
+
+async def test_token_create_list_revoke(sqlite_env: dict[str, str]) -> None:
+    created = run_cli("token", "create", "--org", "org_cli", "--scope", "webhooks:manage",
+                      "--name", "ci", env=sqlite_env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    lines = created.stdout.strip().splitlines()
+    token = lines[-1]
+    assert token.startswith("sfw_")
+    assert " " not in token
+    token_id = lines[0].split()[2]
+    assert token_id.startswith("tok_")
+
+    engine = database.create_engine(sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"])
+    try:
+        authenticated = await Store(engine).authenticate(token)
+        assert authenticated is not None
+        assert authenticated.org_id == "org_cli"
+        assert authenticated.scopes == ("webhooks:manage",)
+    finally:
+        await engine.dispose()
+
+    listed = run_cli("token", "list", env=sqlite_env)
+    assert listed.returncode == 0
+    assert token_id in listed.stdout
+    assert "active" in listed.stdout
+    assert token not in listed.stdout
+    assert hash_token(token) not in listed.stdout
+
+    revoked = run_cli("token", "revoke", token_id, env=sqlite_env)
+    assert revoked.returncode == 0, revoked.stderr
+    again = run_cli("token", "revoke", token_id, env=sqlite_env)
+    assert again.returncode == 1
+    assert "no active token" in again.stderr
+    assert "revoked" in run_cli("token", "list", env=sqlite_env).stdout
+
+
+def test_token_create_rejects_unknown_scope(sqlite_env: dict[str, str]) -> None:
+    result = run_cli("token", "create", "--org", "org_x", "--scope", "admin", env=sqlite_env)
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_bad_setting_stops_with_one_line_naming_it() -> None:
+    result = run_cli("serve", env={"SELLFERN_WEBHOOKS_RETRY_SCHEDULE": "5,later"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "SELLFERN_WEBHOOKS_RETRY_SCHEDULE" in result.stderr
+    result = run_cli("migrate", env={"SELLFERN_WEBHOOKS_DATABASE_URL": "mysql://x/y"})
+    assert result.returncode == 2
+    assert "SELLFERN_WEBHOOKS_DATABASE_URL" in result.stderr
+
+
+async def test_postgres_needs_migrate_then_works() -> None:
+    name = f"sfw_cli_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+        env = {"SELLFERN_WEBHOOKS_DATABASE_URL": f"{base}/{name}"}
+        refused = await asyncio.to_thread(
+            run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
+        )
+        assert refused.returncode == 2
+        assert "sellfern-webhooks migrate" in refused.stderr
+        migrated = await asyncio.to_thread(run_cli, "migrate", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        assert "revision" in migrated.stdout
+        again = await asyncio.to_thread(run_cli, "migrate", env=env)  # idempotent
+        assert again.returncode == 0
+        created = await asyncio.to_thread(
+            run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
+        )
+        assert created.returncode == 0, created.stderr
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_publish_is_confirmed_and_lands_in_the_events_queue(amqp_url: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("sellfern.events", "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "order.created")
+        env = {"SELLFERN_WEBHOOKS_AMQP_URL": amqp_url}
+        result = await asyncio.to_thread(
+            run_cli, "publish", "--type", "order.created", "--org", "org_cli",
+            "--data", '{"order_id": "o1"}', env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        event_id = result.stdout.strip()
+        message = await queue.get(timeout=10)
+        body = json.loads(message.body)
+        assert body["id"] == event_id
+        assert body["type"] == "order.created"
+        assert body["data"] == {"order_id": "o1"}
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    finally:
+        await connection.close()
+
+
+def test_publish_reports_bad_input_and_unreachable_broker() -> None:
+    bad = run_cli("publish", "--type", "order.created", "--org", "org_x", "--data", "[1]")
+    assert bad.returncode == 2
+    assert "JSON object" in bad.stderr
+    env = {"SELLFERN_WEBHOOKS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    down = run_cli("publish", "--type", "order.created", "--org", "org_x", "--data", "{}", env=env)
+    assert down.returncode == 1
+    assert "not published" in down.stderr

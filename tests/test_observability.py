@@ -1,0 +1,92 @@
+"""Metrics and logs, as an SRE reads them after real deliveries."""
+
+from __future__ import annotations
+
+import aio_pika
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from schemas.publish import publish_event
+from tests.conftest import Receiver, Service, eventually
+
+EXPECTED_FAMILIES = {
+    "sellfern_webhooks_events_consumed",
+    "sellfern_webhooks_delivery_attempts",
+    "sellfern_webhooks_delivery_attempt_duration_seconds",
+    "sellfern_webhooks_delivery_lag_seconds",
+    "sellfern_webhooks_deliveries_in_flight",
+    "sellfern_webhooks_store_batch_size",
+    "sellfern_webhooks_http_requests",
+    "sellfern_webhooks_http_request_duration_seconds",
+}
+
+
+async def test_metrics_after_a_delivery(
+    service: Service, receiver: Receiver, amqp_url: str
+) -> None:
+    status, webhook = await service.call(
+        "POST", "/webhooks", {"url": receiver.url("/m"), "events": ["order.created"]}
+    )
+    assert status == 201
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        await publish_event(connection, "order.created", service.org, {})
+    finally:
+        await connection.close()
+    await receiver.wait_for(lambda r: len(r) == 1)
+
+    async def counted() -> bool:
+        return bool(service.running.metrics.store_batch_size._sum.get() >= 1)
+
+    await eventually(counted, what="attempt recorded")
+    async with service.http.get(f"{service.base}/metrics") as response:
+        assert response.status == 200
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    assert set(families) >= EXPECTED_FAMILIES
+    attempts = [s for s in families["sellfern_webhooks_delivery_attempts"].samples
+                if s.name.endswith("_total")]  # fmt: skip
+    assert any(
+        s.labels == {"event_type": "order.created", "outcome": "succeeded", "status_class": "2xx"}
+        and s.value >= 1
+        for s in attempts
+    )
+    routes = {s.labels.get("route") for s in families["sellfern_webhooks_http_requests"].samples}
+    assert "/api/v2/webhooks" in routes
+    # Labels come from bounded sets: no endpoint id or URL in any label value.
+    for family in families.values():
+        for sample in family.samples:
+            for value in sample.labels.values():
+                assert webhook["id"] not in value
+                assert "https://" not in value
+
+
+async def test_one_log_line_per_attempt_without_secrets(
+    service: Service, receiver: Receiver
+) -> None:
+    status, webhook = await service.call(
+        "POST", "/webhooks", {"url": receiver.url("/l"), "events": ["order.created"]}
+    )
+    assert status == 201
+    with capture_logs() as logs:
+        status, _ = await service.call("POST", f"/webhooks/{webhook['id']}/test")
+        assert status == 200
+    lines = [entry for entry in logs if entry["event"] == "delivery attempt"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["webhook_id"] == webhook["id"]
+    assert line["event_id"].startswith("evt_")
+    assert line["attempt"] == 1
+    assert line["outcome"] == "succeeded"
+    assert line["status_code"] == 200
+    assert isinstance(line["duration_ms"], int)
+    for entry in logs:
+        assert webhook["secret"] not in str(entry)
+        assert service.token not in str(entry)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+async def test_probes_answer_json(service: Service, path: str) -> None:
+    async with service.http.get(f"{service.base}{path}") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] in {"ok", "ready"}

@@ -1,0 +1,60 @@
+"""Standard Webhooks signing: a known-answer test and a cross-check with the reference library."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+import standardwebhooks
+
+from worker import signing
+
+# The published test vector of the Standard Webhooks reference libraries.
+SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+SPEC_TIMESTAMP = 1614265330
+SPEC_BODY = b'{"test": 2432232314}'
+SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_known_answer() -> None:
+    assert signing.sign(SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY) == SPEC_SIGNATURE
+
+
+def test_secret_key_is_base64_decoded_after_prefix() -> None:
+    assert signing.secret_key(SPEC_SECRET) == base64.b64decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+
+
+def test_reference_library_verifies_every_signature_of_a_rotation() -> None:
+    old, new = SPEC_SECRET, "whsec_" + base64.b64encode(b"k" * 32).decode()
+    timestamp = int(time.time())  # the reference library refuses stale timestamps
+    header = signing.signature_header([new, old], SPEC_ID, timestamp, SPEC_BODY)
+    assert len(header.split()) == 2
+    headers = {
+        "webhook-id": SPEC_ID,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": header,
+    }
+    for secret in (old, new):
+        assert standardwebhooks.Webhook(secret).verify(SPEC_BODY, headers) == {"test": 2432232314}
+
+
+@pytest.mark.parametrize(
+    ("header", "valid"),
+    [
+        (SPEC_SIGNATURE, True),
+        (f"v1,bm9wZQ== {SPEC_SIGNATURE}", True),
+        ("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE", False),
+        ("v1,h0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=", False),
+        ("", False),
+    ],
+)
+def test_verify(header: str, valid: bool) -> None:
+    assert signing.verify(SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY, header) is valid
+
+
+def test_body_change_breaks_signature() -> None:
+    assert not signing.verify(
+        SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY + b" ", SPEC_SIGNATURE
+    )
