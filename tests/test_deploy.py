@@ -37,7 +37,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
-OPERATIONS = DEPLOY / "OPERATIONS.md"
+OPERATIONS = DEPLOY.parent / "README.md"
 
 # The oldest Kubernetes minor the manifests promise to work on.
 KUBERNETES_VERSION = "1.29.0"
