@@ -465,3 +465,28 @@ async def _count_succeeded(database_url: str, webhook_id: str) -> int:
             cursor = page.next_cursor
     finally:
         await engine.dispose()
+
+
+async def test_endpoint_failing_past_the_bound_is_disabled(
+    service_factory: ServiceFactory,
+    receiver: Receiver,
+    broker: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    async def broken(_request: web.Request, _seen: int) -> web.Response:
+        return web.Response(status=500)
+
+    receiver.behaviours["/broken"] = broken
+    # A failure run of 0.5 s stands in for the production 5 days.
+    service = await service_factory(auto_disable_after_seconds=0.5, retry_schedule="0.3,0.3,0.3")
+    webhook = await _webhook(service, receiver.url("/broken"), ["order.created"])
+    await publish_event(broker, "order.created", service.org, {})
+    body: dict[str, object] = {}
+
+    async def disabled() -> bool:
+        nonlocal body
+        _, body = await service.call("GET", f"/webhooks/{webhook['id']}")
+        return body["enabled"] is False
+
+    await eventually(disabled, what="endpoint disabled after its failure run")
+    assert "failed for" in str(body["disabled_reason"])
+    assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() == 1
