@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import aio_pika
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from schemas.publish import publish_event
-from tests.conftest import Receiver, Service, eventually
+from tests.conftest import Receiver, Service, eventually, make_settings, run_service
 
 EXPECTED_FAMILIES = {
     "sellfern_webhooks_events_consumed",
@@ -90,3 +91,30 @@ async def test_probes_answer_json(service: Service, path: str) -> None:
     async with service.http.get(f"{service.base}{path}") as response:
         assert response.status == 200
         assert (await response.json())["status"] in {"ok", "ready"}
+
+
+async def test_worker_serves_probes_and_metrics_on_its_port(
+    database_url: str, amqp_url: str, ca_bundle: str
+) -> None:
+    settings = make_settings(database_url, amqp_url, ca_bundle)
+    async with run_service(settings, role="worker") as worker, aiohttp.ClientSession() as http:
+        assert worker.api_port is None
+        base = f"http://127.0.0.1:{worker.metrics_port}"
+        for path in ("/healthz", "/readyz"):
+            async with http.get(f"{base}{path}") as response:
+                assert response.status == 200
+        async with http.get(f"{base}/metrics") as response:
+            assert "sellfern_webhooks_queue_messages" in await response.text()
+        async with http.get(f"{base}/api/v2/webhooks") as response:
+            assert response.status == 404  # the worker serves no API
+
+
+async def test_healthz_fails_when_the_event_loop_stalls(service: Service) -> None:
+    health = service.running.health
+    assert health is not None
+    assert health._task is not None
+    health._task.cancel()
+    health._beat -= 60
+    async with service.http.get(f"{service.base}/healthz") as response:
+        assert response.status == 503
+        assert "stalled" in (await response.json())["problem"]

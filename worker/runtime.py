@@ -24,12 +24,13 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
-from worker import api, database, topology
+from worker import api, crypto, database, topology
 from worker.appkeys import DELIVERER, HEALTH, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.delivery import Deliverer, Publisher
 from worker.fanout import ChangeNotifier, EndpointMatcher, FanOut
 from worker.health import Health, health_routes
 from worker.metrics import Metrics
+from worker.ratelimit import RateLimiter
 from worker.sender import Sender, create_session
 from worker.settings import Settings
 from worker.store import Store
@@ -53,6 +54,7 @@ class Running:
     metrics: Metrics
     api_port: int | None = None
     metrics_port: int | None = None
+    health: Health | None = None
     consumers: list[tuple[AbstractChannel, aio_pika.abc.AbstractQueue, str]] = field(
         default_factory=list
     )
@@ -118,6 +120,7 @@ def build_api_app(
     app[DELIVERER] = deliverer
     app[NOTIFIER] = notifier
     app[HEALTH] = health
+    app[api.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     api.add_routes(app)
     app.router.add_routes(health_routes(health, metrics))
     return app
@@ -201,11 +204,17 @@ async def run(
     settings: Settings,
     role: Role,
     *,
+    box: crypto.SecretBox | None = None,
     stop: asyncio.Event | None = None,
     started: Callable[[Running], None] | None = None,
     handle_signals: bool = True,
 ) -> None:
-    """Run one process until ``stop`` is set or SIGTERM/SIGINT arrives (if ``handle_signals``)."""
+    """Run one process until ``stop`` is set or SIGTERM/SIGINT arrives (if ``handle_signals``).
+
+    ``box`` seals the signing secrets; the entry point builds it from ``settings`` (and so does
+    this function when it is not given).
+    """
+    box = box or crypto.load_box(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if handle_signals:
@@ -217,7 +226,7 @@ async def run(
         engine = database.create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         await database.ensure_schema(engine, auto_migrate=settings.is_sqlite)
-        store = Store(engine)
+        store = Store(engine, box)
         running = Running(settings, store, metrics)
 
         connection = await aio_pika.connect_robust(
@@ -233,6 +242,7 @@ async def run(
         sender = Sender(session, settings)
         publisher = Publisher(topo, metrics)
         health = await stack.enter_async_context(Health(store, connection))
+        running.health = health
 
         if role in ("api", "serve"):
             app = build_api_app(
