@@ -80,6 +80,10 @@ async def publish_envelope(
         raise PublishError(f"the broker returned the event as unroutable: {exc}") from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
         raise PublishError(f"broker error: {exc!r}") from None
+    except RuntimeError as exc:
+        # aiormq's "<Connection …> closed" and ChannelInvalidStateError: a robust connection
+        # between reconnects, or a channel closed under the publish.
+        raise PublishError(f"broker connection lost: {exc}") from None
     if not isinstance(confirmation, Basic.Ack):
         raise PublishError(f"the broker did not accept the event: {confirmation!r}")
 

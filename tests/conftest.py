@@ -27,11 +27,22 @@ import trustme
 from aiohttp import web
 
 from worker import database, runtime
+from worker.crypto import SecretBox, generate_key
 from worker.settings import Settings
 from worker.store import Store
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+# The key sealing signing secrets in every process a test starts, in-process or not.
+TEST_SECRET_KEY = generate_key()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_keys_env() -> Iterator[str]:
+    """Worker subprocesses open secrets that the in-process service sealed: same key."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SELLFERN_WEBHOOKS_SECRET_KEYS", TEST_SECRET_KEY)
+        yield TEST_SECRET_KEY
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -89,7 +100,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def store(database_url: str) -> AsyncIterator[Store]:
     engine = database.create_engine(database_url)
     await database.ensure_schema(engine, auto_migrate=True)
-    yield Store(engine)
+    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
     await engine.dispose()
 
 
@@ -223,6 +234,7 @@ def make_settings(database_url: str, amqp_url: str, ca_bundle: str, **overrides:
         "delivery_timeout": 5,
         "log_format": "console",
         "shutdown_drain_seconds": 5,
+        "secret_keys": TEST_SECRET_KEY,
     }
     values.update(overrides)
     return Settings.model_validate(values)

@@ -21,6 +21,7 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 from prometheus_client.metrics import MetricWrapperBase
 
 from worker import cli, topology
@@ -378,6 +379,9 @@ def test_config_map_and_secret_make_valid_settings(monkeypatch: pytest.MonkeyPat
 
     for variable in [k for k in os.environ if k.startswith("SELLFERN_WEBHOOKS_")]:
         monkeypatch.delenv(variable)
+    # The template's key is a placeholder on purpose; an operator puts a real one there.
+    assert secrets["SELLFERN_WEBHOOKS_SECRET_KEYS"] == "CHANGE-ME"
+    secrets = {**secrets, "SELLFERN_WEBHOOKS_SECRET_KEYS": Fernet.generate_key().decode()}
     for key, value in {**config, **secrets}.items():
         monkeypatch.setenv(key, value)
     try:

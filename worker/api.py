@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -17,6 +18,7 @@ from schemas import api as models
 from worker import guard
 from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.openapi import openapi_document
+from worker.ratelimit import RateLimiter
 from worker.store import Attempt, Token, Webhook
 
 BASE = "/api/v2"
@@ -25,6 +27,7 @@ REQUIRED_SCOPE = "webhooks:manage"
 SECRET_ROTATION_OVERLAP = timedelta(hours=24)
 
 TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -110,7 +113,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer-token auth with scope ``webhooks:manage`` on every ``/api/v2`` call but the spec."""
+    """Bearer-token auth with scope ``webhooks:manage`` on every ``/api/v2`` call but the spec.
+
+    Each token is rate limited (429 ``rate_limited`` with ``Retry-After``) once it is known.
+    """
     if not request.path.startswith(BASE) or request.path == f"{BASE}/openapi.json":
         return await handler(request)
     header = request.headers.get("Authorization", "")
@@ -120,6 +126,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     token = await request.app[STORE].authenticate(credentials.strip())
     if token is None:
         raise ApiError(401, "invalid_token", "the token is unknown or revoked")
+    wait = request.app[RATE_LIMITER].acquire(token.id)
+    if wait > 0:
+        response = error_response(
+            429, "rate_limited", "too many requests for this token; retry after Retry-After"
+        )
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
     if REQUIRED_SCOPE not in token.scopes:
         raise ApiError(403, "missing_scope", f"the token lacks scope {REQUIRED_SCOPE}")
     request[TOKEN] = token

@@ -12,12 +12,13 @@ from pydantic import ValidationError
 
 from schemas.events import EVENT_TYPES
 from schemas.publish import PublishError, connect, publish_event
-from worker import __version__, database, runtime
+from worker import __version__, crypto, database, runtime
 from worker.logging import configure_logging
 from worker.settings import Settings, SettingsError
 from worker.store import Store
 
 KNOWN_SCOPES = ("webhooks:manage",)
+SECRET_COMMANDS = ("serve", "api", "worker", "rotate-keys")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("api", help="run the management API")
     commands.add_parser("worker", help="run the event and delivery consumers")
     commands.add_parser("migrate", help="apply database migrations")
+    commands.add_parser(
+        "rotate-keys",
+        help="re-encrypt every stored signing secret with the first of SECRET_KEYS",
+    )
 
     token = commands.add_parser("token", help="manage API tokens").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
@@ -53,10 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _with_store(settings: Settings, *, auto_migrate: bool) -> Store:
+async def _with_store(
+    settings: Settings, *, auto_migrate: bool, box: crypto.SecretBox | None = None
+) -> Store:
     engine = database.create_engine(settings.database_url)
     await database.ensure_schema(engine, auto_migrate=auto_migrate)
-    return Store(engine)
+    return Store(engine, box)
+
+
+async def _rotate_keys(settings: Settings, box: crypto.SecretBox) -> int:
+    store = await _with_store(settings, auto_migrate=settings.is_sqlite, box=box)
+    try:
+        resealed, current = await store.reseal_secrets()
+    finally:
+        await store.engine.dispose()
+    print(f"re-encrypted {resealed} endpoints' secrets with the first key; {current} already were")
+    return 0
 
 
 async def _migrate(settings: Settings) -> int:
@@ -122,6 +139,19 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dispatch(args: argparse.Namespace, settings: Settings, box: crypto.SecretBox | None) -> int:
+    if args.command in ("serve", "api", "worker"):
+        asyncio.run(runtime.run(settings, args.command, box=box))
+        return 0
+    if box is not None and args.command == "rotate-keys":
+        return asyncio.run(_rotate_keys(settings, box))
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    if args.command == "token":
+        return asyncio.run(_token(args, settings))
+    return asyncio.run(_publish(args, settings))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -131,18 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
-        if args.command in ("serve", "api", "worker"):
-            asyncio.run(runtime.run(settings, args.command))
-            return 0
-        if args.command == "migrate":
-            return asyncio.run(_migrate(settings))
-        if args.command == "token":
-            return asyncio.run(_token(args, settings))
-        return asyncio.run(_publish(args, settings))
+        # Token and publish commands never touch signing secrets, so they need no key.
+        box = crypto.load_box(settings) if args.command in SECRET_COMMANDS else None
+    except SettingsError as exc:
+        print(f"sellfern-webhooks: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args, settings, box)
     except database.NotMigratedError as exc:
         print(f"sellfern-webhooks: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (crypto.SecretBoxError, OSError) as exc:
         print(f"sellfern-webhooks: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,40 @@ log = structlog.get_logger("sellfern_webhooks.delivery")
 
 DISABLED_GONE = "the endpoint answered 410 Gone"
 DISABLED_FAILING = "every delivery failed for {days:g} days"
+# Waits between probes of an unreachable database (the last one repeats).
+DATABASE_PROBE_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+
+async def _database_reachable(store: Store) -> bool:
+    try:
+        await asyncio.wait_for(store.ping(), 5)
+    except Exception:
+        return False
+    return True
+
+
+async def riding_out_database_outages(store: Store, handle: Callable[[], Awaitable[None]]) -> None:
+    """Run ``handle``; if it fails while the database is unreachable, wait for the database
+    and run it again, keeping the message unacked meanwhile.
+
+    Requeueing instead would count against the queue's ``DELIVERY_LIMIT`` once a second, and a
+    ten-second database outage would dead-letter healthy events and tasks. A failure with the
+    database up is raised, so that a poison message still ends in ``webhooks.dead``.
+    """
+    while True:
+        try:
+            await handle()
+        except Exception:
+            if await _database_reachable(store):
+                raise
+            log.warning("database unreachable; the message is kept and retried when it is back")
+            delays = iter(DATABASE_PROBE_SECONDS)
+            while True:
+                await asyncio.sleep(next(delays, DATABASE_PROBE_SECONDS[-1]))
+                if await _database_reachable(store):
+                    break
+        else:
+            return
 
 
 class DeliveryTask(BaseModel):
@@ -127,7 +162,7 @@ class Deliverer:
         """Consumer callback: settle the message in exactly one place."""
         async with message.process(requeue=True, ignore_processed=True):
             try:
-                await self._handle(message.body)
+                await riding_out_database_outages(self._store, lambda: self._handle(message.body))
             except Exception:
                 log.exception("delivery task failed; it will be redelivered")
                 # Back off a little so a broken dependency is not hammered; after

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker import topology
-from worker.delivery import DeliveryTask, Publisher
+from worker.delivery import DeliveryTask, Publisher, riding_out_database_outages
 from worker.metrics import Metrics
 from worker.store import Store
 
@@ -138,7 +138,7 @@ class FanOut:
         """Consumer callback: settle the message in exactly one place."""
         async with message.process(requeue=True, ignore_processed=True):
             try:
-                await self._handle(message.body)
+                await riding_out_database_outages(self._store, lambda: self._handle(message.body))
             except Exception:
                 log.exception("event fan-out failed; it will be redelivered")
                 await asyncio.sleep(1)  # do not hammer a broken dependency

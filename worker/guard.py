@@ -148,23 +148,35 @@ class GuardedResolver(AbstractResolver):
 
 
 async def check_host(
-    host: str, allowed: Sequence[IPNetwork], *, resolve_timeout: float = 3.0
+    host: str,
+    allowed: Sequence[IPNetwork],
+    *,
+    resolve_timeout: float = 3.0,
+    resolver: AbstractResolver | None = None,
 ) -> None:
     """Check a URL's host when an endpoint is saved.
 
-    IP literals are checked as they are; names are resolved and every address checked. A name
-    that does not resolve now is accepted (DNS may be briefly unavailable): the delivery-time
-    check still applies to whatever it resolves to later.
+    IP literals are checked as they are; names are resolved (by the system, or by
+    ``resolver`` when one is given: tests use that to stand in for DNS) and every address
+    checked. A name that does not resolve now is accepted (DNS may be briefly unavailable):
+    the delivery-time check still applies to whatever it resolves to later.
     """
     literal = parse_ip_literal(host)
     if literal is not None:
         check_addresses(host, [str(literal)], allowed)
         return
-    loop = asyncio.get_running_loop()
     try:
-        infos: list[Any] = await asyncio.wait_for(
-            loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), resolve_timeout
-        )
+        if resolver is not None:
+            results = await asyncio.wait_for(
+                resolver.resolve(host, 443, socket.AF_UNSPEC), resolve_timeout
+            )
+            addresses = [r["host"] for r in results]
+        else:
+            loop = asyncio.get_running_loop()
+            infos: list[Any] = await asyncio.wait_for(
+                loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), resolve_timeout
+            )
+            addresses = [str(info[4][0]) for info in infos]
     except (OSError, TimeoutError):
         return
-    check_addresses(host, [str(info[4][0]) for info in infos], allowed)
+    check_addresses(host, addresses, allowed)

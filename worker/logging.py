@@ -11,7 +11,17 @@ import sys
 
 import structlog
 
-_SECRET_KEYS = frozenset({"secret", "token", "authorization", "signing_secret", "password"})
+_SECRET_KEYS = frozenset(
+    {
+        "secret",
+        "previous_secret",
+        "secret_keys",
+        "token",
+        "authorization",
+        "signing_secret",
+        "password",
+    }
+)
 
 
 def redact_secrets(

@@ -33,6 +33,17 @@ _ERRORS = {
 }
 
 
+# Request examples: documentation for readers, and the first cases a fuzzer tries.
+_BODY_EXAMPLES: dict[str, dict[str, Any]] = {
+    "WebhookCreate": {
+        "url": "https://example.com/webhooks",
+        "events": ["order.created", "order.status_changed"],
+        "description": "ERP",
+    },
+    "WebhookUpdate": {"events": ["order.created"], "enabled": False},
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(model=name)}
 
@@ -57,11 +68,22 @@ def _operation(
         if code == "413" and body is None:
             continue
         responses[code] = {"description": text, "content": _content("Error")}
+        if code == "429":
+            responses[code]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before the next request with this token.",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            }
     if not_found:
         responses["404"] = {"description": "not_found", "content": _content("Error")}
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if body:
-        operation["requestBody"] = {"required": True, "content": _content(body)}
+        content = _content(body)
+        if body in _BODY_EXAMPLES:
+            content["application/json"]["example"] = _BODY_EXAMPLES[body]
+        operation["requestBody"] = {"required": True, "content": content}
     if params:
         operation["parameters"] = params
     return operation

@@ -177,7 +177,9 @@ async def _start_worker(
     events_channel = await connection.channel()
     stack.push_async_callback(events_channel.close)
     await events_channel.set_qos(prefetch_count=EVENTS_PREFETCH)
-    events_queue = await events_channel.get_queue(topology.EVENTS_QUEUE, ensure=False)
+    # declare_queue (passive), not get_queue: only a declared queue is registered with its
+    # robust channel, which re-consumes it after a reconnect; a get_queue one stays silent.
+    events_queue = await events_channel.declare_queue(topology.EVENTS_QUEUE, passive=True)
     running.consumers.append(
         (events_channel, events_queue, await events_queue.consume(running.track(fanout.on_message)))
     )
@@ -186,7 +188,9 @@ async def _start_worker(
     deliveries_channel = await connection.channel()
     stack.push_async_callback(deliveries_channel.close)
     await deliveries_channel.set_qos(prefetch_count=settings.delivery_concurrency)
-    deliveries_queue = await deliveries_channel.get_queue(topology.DELIVERIES_QUEUE, ensure=False)
+    deliveries_queue = await deliveries_channel.declare_queue(
+        topology.DELIVERIES_QUEUE, passive=True
+    )
     running.consumers.append(
         (
             deliveries_channel,

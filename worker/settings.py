@@ -6,10 +6,12 @@ environment.
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
+from base64 import urlsafe_b64decode
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -44,6 +46,13 @@ class Settings(BaseSettings):
     allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Fernet keys sealing the signing secrets at rest; the first seals, all open (worker.crypto).
+    secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Allows PostgreSQL without SECRET_KEYS, with a public development key. Never in production.
+    dev_mode: bool = False
+    # Per API token, per process: a token bucket refilled at this rate, holding at most BURST.
+    rate_limit_per_second: float = Field(default=20, gt=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
 
     # Tuning knobs; the defaults suit one worker process on two cores.
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
@@ -95,6 +104,24 @@ class Settings(BaseSettings):
             )
         except ValueError as exc:
             raise ValueError(f"expected comma-separated CIDRs such as 127.0.0.0/8: {exc}") from None
+
+    @field_validator("secret_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys = tuple(p.strip() for p in value.split(",") if p.strip())
+        for position, key in enumerate(keys, 1):
+            try:
+                valid = len(urlsafe_b64decode(key.encode("ascii"))) == 32
+            except (binascii.Error, UnicodeError, ValueError):
+                valid = False
+            if not valid:
+                # Never echo the value: it is a key.
+                raise ValueError(
+                    f"key {position} is not a Fernet key (url-safe base64 of 32 bytes)"
+                )
+        return tuple(SecretStr(k) for k in keys)
 
     @property
     def is_sqlite(self) -> bool:

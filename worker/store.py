@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from worker.crypto import SecretBox
 from worker.ids import new_id
 from worker.tables import api_tokens, attempts, deliveries, events, webhook_subscriptions, webhooks
 
@@ -24,6 +25,8 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 # Writing last_used_at on every request would make every read a write; a minute is precise
 # enough for "is this token still in use?".
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# rotate-keys retries rows that changed under it at most this many times over.
+RESEAL_PASSES = 5
 
 
 def utcnow() -> datetime:
@@ -60,8 +63,9 @@ class Webhook:
     events: tuple[str, ...]
     enabled: bool
     description: str
-    secret: str
-    previous_secret: str | None
+    # Plaintext in memory only (sealed in the database); kept out of reprs, hence of logs.
+    secret: str = field(repr=False)
+    previous_secret: str | None = field(repr=False)
     previous_secret_expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -128,7 +132,8 @@ def _token(row: sa.Row[Any]) -> Token:
     )
 
 
-def _webhook(row: sa.Row[Any]) -> Webhook:
+def _webhook(row: sa.Row[Any], box: SecretBox) -> Webhook:
+    """The endpoint with its secrets opened; they are sealed in the row."""
     return Webhook(
         id=row.id,
         org_id=row.org_id,
@@ -136,8 +141,8 @@ def _webhook(row: sa.Row[Any]) -> Webhook:
         events=tuple(row.events),
         enabled=row.enabled,
         description=row.description,
-        secret=row.secret,
-        previous_secret=row.previous_secret,
+        secret=box.open(row.secret),
+        previous_secret=box.open(row.previous_secret) if row.previous_secret else None,
         previous_secret_expires_at=row.previous_secret_expires_at,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -157,11 +162,25 @@ def _page(items: list[T], limit: int, cursor_of: Any) -> Page[T]:  # noqa: ANN40
 
 
 class Store:
-    """The service's persistence, over one SQLAlchemy async engine."""
+    """The service's persistence, over one SQLAlchemy async engine.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    Endpoints' signing secrets are sealed with ``box`` on write and opened on read. A store
+    without a box (the token commands need none) refuses to touch endpoints.
+    """
+
+    def __init__(self, engine: AsyncEngine, box: SecretBox | None = None) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        self._secret_box = box
+
+    @property
+    def _box(self) -> SecretBox:
+        if self._secret_box is None:
+            raise RuntimeError("this Store has no SecretBox; endpoints' secrets need one")
+        return self._secret_box
+
+    def _webhook(self, row: sa.Row[Any]) -> Webhook:
+        return _webhook(row, self._box)
 
     def _insert_ignoring_duplicates(self, table: sa.Table) -> Any:  # noqa: ANN401 - dialect-specific Insert
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
@@ -276,7 +295,7 @@ class Store:
                     events=list(webhook.events),
                     enabled=enabled,
                     description=description,
-                    secret=webhook.secret,
+                    secret=self._box.seal(webhook.secret),
                     created_at=now,
                     updated_at=now,
                 )
@@ -300,7 +319,7 @@ class Store:
             query = query.where(webhooks.c.id < cursor)
         query = query.order_by(webhooks.c.id.desc()).limit(limit + 1)
         async with self.engine.connect() as connection:
-            rows = [_webhook(row) for row in await connection.execute(query)]
+            rows = [self._webhook(row) for row in await connection.execute(query)]
         return _page(rows, limit, lambda w: w.id)
 
     async def get_webhook(self, webhook_id: str, org_id: str | None = None) -> Webhook | None:
@@ -310,7 +329,7 @@ class Store:
             query = query.where(webhooks.c.org_id == org_id)
         async with self.engine.connect() as connection:
             row = (await connection.execute(query)).first()
-        return _webhook(row) if row else None
+        return self._webhook(row) if row else None
 
     async def update_webhook(
         self, org_id: str, webhook_id: str, changes: dict[str, Any]
@@ -336,7 +355,7 @@ class Store:
                 return None
             if "events" in changes:
                 await self._write_subscriptions(connection, webhook_id, org_id, changes["events"])
-        return _webhook(row)
+        return self._webhook(row)
 
     async def rotate_secret(
         self, org_id: str, webhook_id: str, overlap: timedelta
@@ -358,15 +377,83 @@ class Store:
                     webhooks.update()
                     .where(webhooks.c.id == webhook_id)
                     .values(
-                        secret=new_signing_secret(),
-                        previous_secret=current.secret,
+                        secret=self._box.seal(new_signing_secret()),
+                        previous_secret=current.secret,  # still sealed, as read
                         previous_secret_expires_at=now + overlap,
                         updated_at=now,
                     )
                     .returning(*webhooks.c)
                 )
             ).one()
-        return _webhook(row)
+        return self._webhook(row)
+
+    async def reseal_secrets(self, batch: int = 500) -> tuple[int, int]:
+        """Seal every stored secret again with the box's first key (``rotate-keys``).
+
+        Returns how many endpoints were re-sealed and how many were already current. A row is
+        only rewritten if it still holds what was read, so a concurrent rotate-secret is never
+        overwritten; such a row is read again and retried.
+        """
+        resealed = current = 0
+        retry: list[str] = []
+        cursor = ""
+        query = sa.select(webhooks.c.id, webhooks.c.secret, webhooks.c.previous_secret)
+        while True:
+            async with self.engine.connect() as connection:
+                rows = (
+                    await connection.execute(
+                        query.where(webhooks.c.id > cursor).order_by(webhooks.c.id).limit(batch)
+                    )
+                ).all()
+            if not rows:
+                break
+            cursor = rows[-1].id
+            done, same, missed = await self._reseal_rows(rows)
+            resealed, current, retry = resealed + done, current + same, retry + missed
+        for _ in range(RESEAL_PASSES):
+            if not retry:
+                return resealed, current
+            async with self.engine.connect() as connection:
+                rows = (await connection.execute(query.where(webhooks.c.id.in_(retry)))).all()
+            done, same, retry = await self._reseal_rows(rows)
+            resealed, current = resealed + done, current + same
+        if retry:
+            raise RuntimeError("endpoints kept changing under rotate-keys; run it again")
+        return resealed, current
+
+    async def _reseal_rows(self, rows: Sequence[Any]) -> tuple[int, int, list[str]]:
+        box = self._box
+        resealed, current, missed = 0, 0, []
+        async with self.engine.begin() as connection:
+            for row in rows:
+                stale = {
+                    column: box.reseal(value)
+                    for column, value in (
+                        ("secret", row.secret),
+                        ("previous_secret", row.previous_secret),
+                    )
+                    if value and box.needs_rotation(value)
+                }
+                if not stale:
+                    current += 1
+                    continue
+                previous = webhooks.c.previous_secret
+                result = await connection.execute(
+                    webhooks.update()
+                    .where(
+                        webhooks.c.id == row.id,
+                        webhooks.c.secret == row.secret,
+                        previous.is_(None)
+                        if row.previous_secret is None
+                        else previous == row.previous_secret,
+                    )
+                    .values(**stale)
+                )
+                if result.rowcount:
+                    resealed += 1
+                else:
+                    missed.append(row.id)
+        return resealed, current, missed
 
     async def delete_webhook(self, org_id: str, webhook_id: str) -> bool:
         async with self.engine.begin() as connection:
@@ -468,34 +555,42 @@ class Store:
             await connection.execute(
                 attempts.insert(), [_attempt_values(r.attempt) for r in records]
             )
-            for record in records:
-                attempt = record.attempt
-                await connection.execute(
-                    self._insert_ignoring_duplicates(deliveries).values(
-                        event_id=attempt.event_id,
-                        webhook_id=attempt.webhook_id,
-                        state="pending",
-                        attempts=0,
-                        created_at=attempt.created_at,
-                        updated_at=attempt.created_at,
-                    )
-                )
-                await connection.execute(
-                    deliveries.update()
-                    .where(
-                        deliveries.c.event_id == attempt.event_id,
-                        deliveries.c.webhook_id == attempt.webhook_id,
-                    )
-                    .values(
-                        state=record.delivery_state,
-                        attempts=sa.func.max(deliveries.c.attempts, attempt.attempt)
-                        if self._dialect == "sqlite"
-                        else sa.func.greatest(deliveries.c.attempts, attempt.attempt),
-                        next_attempt_at=record.next_attempt_at,
-                        updated_at=attempt.created_at,
-                    )
-                )
+            # One upsert for the whole batch (executemany), not two statements per attempt.
+            await connection.execute(
+                self._delivery_upsert(),
+                [
+                    {
+                        "event_id": r.attempt.event_id,
+                        "webhook_id": r.attempt.webhook_id,
+                        "state": r.delivery_state,
+                        "attempts": r.attempt.attempt,
+                        "next_attempt_at": r.next_attempt_at,
+                        "created_at": r.attempt.created_at,
+                        "updated_at": r.attempt.created_at,
+                    }
+                    for r in records
+                ],
+            )
             await self._track_failure_runs(connection, records)
+
+    def _delivery_upsert(self) -> Any:  # noqa: ANN401 - dialect-specific Insert
+        """Insert or advance a delivery. A succeeded delivery stays succeeded: a late duplicate
+        of an earlier attempt must not reopen it."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        statement = insert(deliveries)
+        larger = sa.func.greatest if self._dialect == "postgresql" else sa.func.max
+        return statement.on_conflict_do_update(
+            index_elements=[deliveries.c.event_id, deliveries.c.webhook_id],
+            set_={
+                "state": sa.case(
+                    (deliveries.c.state == "succeeded", deliveries.c.state),
+                    else_=statement.excluded.state,
+                ),
+                "attempts": larger(deliveries.c.attempts, statement.excluded.attempts),
+                "next_attempt_at": statement.excluded.next_attempt_at,
+                "updated_at": statement.excluded.updated_at,
+            },
+        )
 
     async def _track_failure_runs(
         self, connection: AsyncConnection, records: Sequence[AttemptRecord]
