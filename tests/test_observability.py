@@ -38,7 +38,8 @@ async def test_metrics_after_a_delivery(
     await receiver.wait_for(lambda r: len(r) == 1)
 
     async def counted() -> bool:
-        return bool(service.running.metrics.store_batch_size._sum.get() >= 1)
+        attempts = service.running.metrics.store_batch_size.labels("attempts")
+        return bool(attempts._sum.get() >= 1)
 
     await eventually(counted, what="attempt recorded")
     async with service.http.get(f"{service.base}/metrics") as response:

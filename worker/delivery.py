@@ -27,7 +27,7 @@ from worker.outcome import Decision, Verdict, decide
 from worker.sender import Sender, Sent
 from worker.settings import Settings
 from worker.store import Attempt, AttemptRecord, DeliveryState, Store, Webhook, utcnow
-from worker.writer import AttemptWriter
+from worker.writer import BatchWriter
 
 log = structlog.get_logger("sellfern_webhooks.delivery")
 
@@ -67,6 +67,48 @@ async def riding_out_database_outages(store: Store, handle: Callable[[], Awaitab
                     break
         else:
             return
+
+
+class WebhookLoader:
+    """Reads the endpoints of concurrent tasks in one query instead of one query per task.
+
+    Lookups that arrive while a query is under way wait for the next one, so the batch grows
+    with the load and a lone lookup goes out at once. Every task still reads the endpoint
+    after it arrived, so a PATCH ``enabled=false`` or a DELETE that returned before is seen.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 500) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._waiting: dict[str, list[asyncio.Future[Webhook | None]]] = {}
+        self._running: asyncio.Task[None] | None = None
+
+    async def get(self, webhook_id: str) -> Webhook | None:
+        future: asyncio.Future[Webhook | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(webhook_id, []).append(future)
+        if self._running is None:
+            self._running = asyncio.create_task(self._load(), name="webhook-loader")
+        return await future
+
+    async def _load(self) -> None:
+        try:
+            while self._waiting:
+                ids = list(self._waiting)[: self._max_batch]
+                batch = {webhook_id: self._waiting.pop(webhook_id) for webhook_id in ids}
+                try:
+                    found = await self._store.get_webhooks(batch)
+                except Exception as exc:
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for webhook_id, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(webhook_id))
+        finally:
+            self._running = None
 
 
 class DeliveryTask(BaseModel):
@@ -145,7 +187,7 @@ class Deliverer:
         metrics: Metrics,
         settings: Settings,
         publisher: Publisher | None = None,
-        writer: AttemptWriter | None = None,
+        writer: BatchWriter[AttemptRecord] | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
@@ -153,6 +195,7 @@ class Deliverer:
         self._settings = settings
         self._publisher = publisher
         self._writer = writer
+        self._webhooks = WebhookLoader(store)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
 
@@ -182,7 +225,7 @@ class Deliverer:
         structlog.contextvars.bind_contextvars(
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
-        webhook = await self._store.get_webhook(task.webhook_id)
+        webhook = await self._webhooks.get(task.webhook_id)
         if webhook is None or not webhook.enabled:
             log.info("delivery skipped: endpoint deleted or disabled")
             self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
@@ -213,7 +256,7 @@ class Deliverer:
 
     async def _record(self, record: AttemptRecord) -> None:
         if self._writer is not None:
-            await self._writer.record(record)
+            await self._writer.write(record)
         else:
             await self._store.record_attempts([record])
 

@@ -21,7 +21,8 @@ from schemas.events import EventEnvelope
 from worker import topology
 from worker.delivery import DeliveryTask, Publisher, riding_out_database_outages
 from worker.metrics import Metrics
-from worker.store import Store
+from worker.store import NewEvent, Store
+from worker.writer import BatchWriter
 
 log = structlog.get_logger("sellfern_webhooks.fanout")
 
@@ -125,10 +126,11 @@ class ChangeNotifier:
 
 class FanOut:
     def __init__(
-        self, store: Store, publisher: Publisher, matcher: EndpointMatcher, metrics: Metrics,
-        max_event_bytes: int,
+        self, store: Store, events: BatchWriter[NewEvent], publisher: Publisher,
+        matcher: EndpointMatcher, metrics: Metrics, max_event_bytes: int,
     ) -> None:  # fmt: skip
         self._store = store
+        self._events = events
         self._publisher = publisher
         self._matcher = matcher
         self._metrics = metrics
@@ -156,7 +158,7 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
-        await self._store.store_event_and_deliveries(raw, envelope.occurred_at, webhook_ids)
+        await self._events.write(NewEvent(raw, envelope.occurred_at, tuple(webhook_ids)))
         await asyncio.gather(
             *(
                 self._publisher.to_queue(

@@ -77,12 +77,13 @@ class Metrics:
             ["queue"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.store_batch_size = Histogram(
-            "store_batch_size", "Attempts written per store batch.",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), namespace=NAMESPACE, registry=r,
+            "store_batch_size", "Items written per store batch, by writer (attempts, events).",
+            ["writer"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.store_write_duration = Histogram(
-            "store_write_duration_seconds", "Time to write one batch of attempts.",
-            buckets=_LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
+            "store_write_duration_seconds", "Time to write one batch, by writer.",
+            ["writer"], buckets=_LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.http_requests = Counter(
             "http_requests", "Management API requests, by route template, method and status.",

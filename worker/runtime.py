@@ -34,7 +34,7 @@ from worker.ratelimit import RateLimiter
 from worker.sender import Sender, create_session
 from worker.settings import Settings
 from worker.store import Store
-from worker.writer import AttemptWriter
+from worker.writer import attempt_writer, event_writer
 
 Role = Literal["serve", "api", "worker"]
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -162,10 +162,11 @@ async def _start_worker(
 ) -> None:
     settings, metrics = running.settings, running.metrics
     store, sender, publisher = deliverer_parts
-    writer = await stack.enter_async_context(AttemptWriter(store, metrics))
+    writer = await stack.enter_async_context(attempt_writer(store, metrics))
+    events = await stack.enter_async_context(event_writer(store, metrics))
     deliverer = Deliverer(store, sender, metrics, settings, publisher, writer)
     matcher = EndpointMatcher(store)
-    fanout = FanOut(store, publisher, matcher, metrics, settings.max_event_bytes)
+    fanout = FanOut(store, events, publisher, matcher, metrics, settings.max_event_bytes)
 
     changes_channel = await connection.channel()
     stack.push_async_callback(changes_channel.close)

@@ -114,6 +114,15 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event as received, and the endpoints it is to be delivered to."""
+
+    event: dict[str, Any]
+    occurred_at: datetime
+    webhook_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     data: list[T]
     has_more: bool
@@ -331,6 +340,13 @@ class Store:
             row = (await connection.execute(query)).first()
         return self._webhook(row) if row else None
 
+    async def get_webhooks(self, webhook_ids: Iterable[str]) -> dict[str, Webhook]:
+        """Endpoints by id, in one query; missing ids are absent from the result."""
+        query = sa.select(webhooks).where(webhooks.c.id.in_(set(webhook_ids)))
+        async with self.engine.connect() as connection:
+            rows = [self._webhook(row) for row in await connection.execute(query)]
+        return {webhook.id: webhook for webhook in rows}
+
     async def update_webhook(
         self, org_id: str, webhook_id: str, changes: dict[str, Any]
     ) -> Webhook | None:
@@ -499,33 +515,44 @@ class Store:
         self, event: dict[str, Any], occurred_at: datetime, webhook_ids: Sequence[str]
     ) -> None:
         """Keep the event and open one delivery per endpoint; repeating this is harmless."""
+        await self.store_events_and_deliveries([NewEvent(event, occurred_at, tuple(webhook_ids))])
+
+    async def store_events_and_deliveries(self, batch: Sequence[NewEvent]) -> None:
+        """Keep a batch of events and their deliveries in one transaction (idempotent)."""
+        if not batch:
+            return
         now = utcnow()
+        event_rows = {
+            item.event["id"]: {
+                "id": item.event["id"],
+                "org_id": item.event["organization_id"],
+                "type": item.event["type"],
+                "occurred_at": item.occurred_at,
+                "payload": item.event,
+                "received_at": now,
+            }
+            for item in batch
+        }
+        delivery_rows = {
+            (item.event["id"], webhook_id): {
+                "event_id": item.event["id"],
+                "webhook_id": webhook_id,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for item in batch
+            for webhook_id in item.webhook_ids
+        }
         async with self.engine.begin() as connection:
             await connection.execute(
-                self._insert_ignoring_duplicates(events).values(
-                    id=event["id"],
-                    org_id=event["organization_id"],
-                    type=event["type"],
-                    occurred_at=occurred_at,
-                    payload=event,
-                    received_at=now,
-                )
+                self._insert_ignoring_duplicates(events), list(event_rows.values())
             )
-            if webhook_ids:
+            if delivery_rows:
                 await connection.execute(
-                    self._insert_ignoring_duplicates(deliveries),
-                    [
-                        {
-                            "event_id": event["id"],
-                            "webhook_id": webhook_id,
-                            "state": "pending",
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                        for webhook_id in webhook_ids
-                    ],
+                    self._insert_ignoring_duplicates(deliveries), list(delivery_rows.values())
                 )
 
     async def get_event(self, event_id: str) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
-"""Batched attempt writes: the delivery hot path costs one transaction per batch, not per attempt.
+"""Batched store writes: the hot paths cost one transaction per batch, not one per message.
 
-A caller hands in a record and awaits it; it returns once the batch holding the record is
-committed, so the caller acks its message only after the attempt is durable. A failed batch
-raises in every caller, whose messages then go back to the queue.
+A caller hands in an item and awaits it; it returns once the batch holding the item is
+committed, so the caller acks its message only after what it produced is durable. A failed
+batch raises in every caller, whose messages then go back to the queue.
 """
 
 from __future__ import annotations
@@ -10,28 +10,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Self
+from collections.abc import Awaitable, Callable
+from typing import Generic, Self, TypeVar
 
 import structlog
 
 from worker.metrics import Metrics
-from worker.store import AttemptRecord, Store
+from worker.store import AttemptRecord, NewEvent, Store
 
 log = structlog.get_logger("sellfern_webhooks.writer")
 
+T = TypeVar("T")
 
-class AttemptWriter:
-    def __init__(self, store: Store, metrics: Metrics, max_batch: int = 500) -> None:
-        self._store = store
+
+class BatchWriter(Generic[T]):
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[list[T]], Awaitable[None]],
+        metrics: Metrics,
+        max_batch: int = 500,
+    ) -> None:
+        self._name = name
+        self._write = write
         self._metrics = metrics
         self._max_batch = max_batch
-        self._pending: list[tuple[AttemptRecord, asyncio.Future[None]]] = []
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="attempt-writer")
+        self._task = asyncio.create_task(self._run(), name=f"{self._name}-writer")
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -42,12 +52,12 @@ class AttemptWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def record(self, record: AttemptRecord) -> None:
-        """Queue ``record`` and wait until it is committed."""
-        if self._closing and self._task is not None and self._task.done():
-            raise RuntimeError("the attempt writer is closed")
+    async def write(self, item: T) -> None:
+        """Queue ``item`` and wait until it is committed."""
+        if self._task is None or self._task.done():
+            raise RuntimeError(f"the {self._name} writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, future))
+        self._pending.append((item, future))
         self._wakeup.set()
         await future
 
@@ -56,7 +66,7 @@ class AttemptWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             # While one batch is written, the next one gathers: the batch size follows the load
-            # with no timer to tune, and one lone attempt is written at once.
+            # with no timer to tune, and one lone item is written at once.
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
@@ -64,19 +74,27 @@ class AttemptWriter:
             if self._closing:
                 return
 
-    async def _flush(self, batch: list[tuple[AttemptRecord, asyncio.Future[None]]]) -> None:
+    async def _flush(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         started = time.perf_counter()
         try:
-            await self._store.record_attempts([record for record, _ in batch])
+            await self._write([item for item, _ in batch])
         except Exception as exc:
-            log.warning("attempt batch not written; its messages will be redelivered",
-                        size=len(batch), error=str(exc))  # fmt: skip
+            log.warning("batch not written; its messages will be redelivered",
+                        writer=self._name, size=len(batch), error=str(exc))  # fmt: skip
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        self._metrics.store_batch_size.observe(len(batch))
-        self._metrics.store_write_duration.observe(time.perf_counter() - started)
+        self._metrics.store_batch_size.labels(self._name).observe(len(batch))
+        self._metrics.store_write_duration.labels(self._name).observe(time.perf_counter() - started)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
+
+
+def attempt_writer(store: Store, metrics: Metrics) -> BatchWriter[AttemptRecord]:
+    return BatchWriter("attempts", store.record_attempts, metrics)
+
+
+def event_writer(store: Store, metrics: Metrics) -> BatchWriter[NewEvent]:
+    return BatchWriter("events", store.store_events_and_deliveries, metrics)
