@@ -1,0 +1,499 @@
+"""Fault injection: no confirmed event is lost, whatever fails under load.
+
+Each scenario publishes events with publisher confirms, keeps the confirmed ids, injects a
+fault, and checks at the end that every (event, subscribed endpoint) pair was delivered — the
+receiver answered 2xx to a request whose Standard Webhooks signature verified — or is recorded
+``failed`` after its last attempt. It prints one line:
+
+    chaos <scenario>: seed=… scale=… published=… confirmed=… pairs=… delivered=…
+    recorded-failed=… lost=… duplicates=… (…%)
+
+Run only these: ``.venv/bin/python -m pytest -m chaos``. They run on PostgreSQL only, with the
+worker as a child process (``python -m worker.cli worker``), and take about two minutes.
+For a soak run, ``CHAOS_SCALE=10`` multiplies event counts, load durations and the number of
+faults (kills, broker restarts, database outages, SIGTERMs) by ten; ``CHAOS_SEED=<n>`` replays
+the random choices of a printed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+import sqlalchemy as sa
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+
+from schemas.publish import PublishError, connect, publish_event
+from tests.chaos_support import (
+    SCALE,
+    Ledger,
+    Tally,
+    TcpProxy,
+    WorkerProcess,
+    big_body,
+    error_then_ok,
+    hang,
+    publish_load,
+    queues_idle,
+    rabbitmqctl,
+    redirect_to,
+    reset,
+    scaled,
+    seed,
+    trickle,
+    worker_env,
+)
+from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
+from worker import database, topology
+from worker.crypto import SecretBox
+from worker.delivery import DeliveryTask
+from worker.sender import RESPONSE_EXCERPT_BYTES
+from worker.store import Attempt, Store
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
+
+ORDER_TYPES = ("order.created", "order.updated", "order.created")
+TEST_SCHEDULE = (0.3, 0.3)
+
+
+@pytest.fixture
+async def broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    # A publisher that retries its connection every second, not every five (the default).
+    connection = await aio_pika.connect_robust(
+        amqp_url,
+        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
+        reconnect_interval=1,
+    )
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
+    engine = database.create_engine(postgres_url)
+    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
+    await engine.dispose()
+
+
+@pytest.fixture
+def ledger(request: pytest.FixtureRequest) -> Ledger:
+    name = request.node.name.removeprefix("test_")
+    return Ledger(name, seed())
+
+
+@pytest.fixture
+async def worker(
+    postgres_url: str, amqp_url: str, ca_bundle: str, tmp_path: Path
+) -> AsyncIterator[WorkerProcess]:
+    """A worker process on the session's database and vhost, not started yet."""
+    env = worker_env(postgres_url, amqp_url, ca_bundle, secret_keys=TEST_SECRET_KEY)
+    process = WorkerProcess(env, tmp_path)
+    yield process
+    await process.close()
+
+
+async def _start(worker: WorkerProcess) -> None:
+    await worker.start()
+    await eventually(worker.started, timeout=30, what="worker started")
+
+
+async def _progress(receiver: Receiver, at_least: int, timeout: float = 60) -> None:
+    """Wait until the receiver has seen ``at_least`` more requests than now."""
+    target = len(receiver.received) + at_least
+    await receiver.wait_for(lambda r: len(r) >= target, timeout=timeout)
+
+
+async def _finish(
+    ledger: Ledger,
+    store: Store,
+    worker: WorkerProcess,
+    amqp_url: str,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    schedule: Sequence[float] = TEST_SCHEDULE,
+    timeout: float = 90,
+) -> Tally:
+    """Wait until every pair is settled and the queues are empty, stop the worker gracefully
+    (so that nothing still in flight is missed), then tally and print the line."""
+    try:
+        await eventually(
+            lambda: ledger.settled(store),
+            timeout=timeout * SCALE,
+            what="every pair delivered or recorded failed",
+        )
+        await eventually(lambda: queues_idle(amqp_url, schedule), timeout=30, what="queues drained")
+    finally:
+        if worker.running:
+            code, _ = await worker.terminate()
+            assert code == 0, worker.tail()
+        tally = await ledger.tally(store)
+        with capsys.disabled():
+            print(f"\n{tally.line()}")  # noqa: T201 - the scenario's result line
+    assert ledger.bad_signatures == 0
+    assert tally.lost == 0, f"lost: {tally.lost_examples}"
+    assert tally.unstored == 0, "a pair was delivered but not recorded as succeeded"
+    return tally
+
+
+async def _attempts(store: Store, webhook_id: str) -> list[Attempt]:
+    found: list[Attempt] = []
+    cursor = None
+    while True:
+        page = await store.list_attempts(webhook_id, 100, cursor)
+        found.extend(page.data)
+        if not page.has_more:
+            return found
+        cursor = page.next_cursor
+
+
+# --- 1. kill -9 -----------------------------------------------------------------------------
+
+
+async def test_kill_9_under_load(
+    amqp_url: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = random.Random(ledger.seed)
+    await ledger.add_endpoint(pg_store, receiver, org, "/all", ["order.created", "order.updated"])
+    await ledger.add_endpoint(pg_store, receiver, org, "/created", ["order.created"])
+    worker.env["SELLFERN_WEBHOOKS_DELIVERY_CONCURRENCY"] = "16"
+    await _start(worker)
+    kills, seconds = scaled(3), 36.0 * SCALE
+    load = asyncio.create_task(
+        publish_load(broker, ledger, org, ORDER_TYPES, scaled(1200), seconds)
+    )
+    for _ in range(kills):
+        # A random moment while the load runs, once the worker is delivering again.
+        await _progress(receiver, 1)
+        # The fault's timing, not a synchronisation.
+        await asyncio.sleep(rng.uniform(0.3, 0.8) * seconds / kills)
+        assert not load.done(), "the load ended before the kill"
+        await worker.kill()
+        await worker.start()
+    await load
+    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    assert worker.kills >= 3
+    assert tally.duplicate_ratio <= 0.01
+
+
+# --- 2. RabbitMQ restarted ------------------------------------------------------------------
+
+
+async def test_broker_restart_under_load(
+    postgres_url: str,
+    amqp_url: str,
+    ca_bundle: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = random.Random(ledger.seed)
+    all_orders = await ledger.add_endpoint(
+        pg_store, receiver, org, "/all", ["order.created", "order.updated"]
+    )
+    await ledger.add_endpoint(pg_store, receiver, org, "/created", ["order.created"])
+    await _start(worker)
+    settings = make_settings(postgres_url, amqp_url, ca_bundle)
+    async with run_service(settings, role="api") as api, aiohttp.ClientSession() as http:
+        token = (await api.store.create_token(org, ("webhooks:manage",), "chaos"))[1]
+        base = f"http://127.0.0.1:{api.api_port}"
+        load = asyncio.create_task(
+            publish_load(broker, ledger, org, ORDER_TYPES, scaled(400), 12 * SCALE, timeout=3)
+        )
+        outages: list[float] = []
+        for _ in range(SCALE):
+            await _progress(receiver, rng.randint(80, 250))
+            down = time.monotonic()
+            await rabbitmqctl("stop_app")
+            try:
+                # While the broker is away, a publisher gets a PublishError within its
+                # timeout — from a fresh connection and from a robust one alike.
+                fresh, robust = await asyncio.gather(
+                    _publish_fails(lambda: connect(amqp_url, timeout=3)),
+                    _publish_fails(
+                        lambda: publish_event(broker, "order.created", org, {}, timeout=3)
+                    ),
+                )
+            finally:
+                await rabbitmqctl("start_app")
+            outages.append(time.monotonic() - down)
+            assert fresh < 3 + 1
+            assert robust < 3 + 1
+        await load
+        assert ledger.publish_errors, "no publish of the load fell in the outage"
+
+        # The API reconnected by itself: ready again, and it publishes change notices.
+        async def api_ready() -> bool:
+            async with http.get(f"{base}/readyz") as response:
+                return response.status == 200
+
+        await eventually(api_ready, timeout=30, what="API ready after the restart")
+        async with http.patch(
+            f"{base}/api/v2/webhooks/{all_orders.webhook_id}",
+            json={"description": "after the restart"},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    assert worker.starts == 1, "the worker reconnected by itself"
+    assert tally.confirmed < tally.published
+    print(f"broker outages (s): {[round(o, 1) for o in outages]}")  # noqa: T201
+
+
+async def _publish_fails(call: Callable[[], Awaitable[object]]) -> float:
+    """Run ``call()``; it must raise PublishError. Return how long that took."""
+    started = time.monotonic()
+    with pytest.raises(PublishError):
+        await call()
+    return time.monotonic() - started
+
+
+# --- 3. PostgreSQL unavailable --------------------------------------------------------------
+
+
+async def test_database_outage_under_load(
+    postgres_url: str,
+    amqp_url: str,
+    ca_bundle: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = random.Random(ledger.seed)
+    await ledger.add_endpoint(pg_store, receiver, org, "/all", ["order.created", "order.updated"])
+    await ledger.add_endpoint(pg_store, receiver, org, "/created", ["order.created"])
+    url = sa.make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    try:
+        worker.env["SELLFERN_WEBHOOKS_DATABASE_URL"] = url.set(port=proxy.port).render_as_string(
+            hide_password=False
+        )
+        await _start(worker)
+        load = asyncio.create_task(
+            publish_load(broker, ledger, org, ORDER_TYPES, scaled(400), 16 * SCALE)
+        )
+        for _ in range(SCALE):
+            await _progress(receiver, rng.randint(60, 200))
+            await proxy.cut()
+            await asyncio.sleep(10)  # the fault's duration, not a synchronisation
+            at_restore = len(receiver.received)
+            await proxy.restore()
+            assert worker.running
+        await load
+        tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    finally:
+        await proxy.close()
+    assert worker.starts == 1, "the worker resumed by itself"
+    # The outage did reach the worker, which kept its messages rather than requeueing them.
+    assert worker.log_count("database unreachable") > 0
+    assert len(receiver.received) > at_restore
+    assert tally.delivered == tally.pairs
+
+
+# --- 4. hostile receivers -------------------------------------------------------------------
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * fraction))]
+
+
+async def test_hostile_receivers(
+    amqp_url: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    schedule = (0.5,)
+    worker.env["SELLFERN_WEBHOOKS_DELIVERY_TIMEOUT"] = "2"
+    worker.env["SELLFERN_WEBHOOKS_RETRY_SCHEDULE"] = "0.5"
+    await _start(worker)
+    count, seconds = scaled(60), 4.0 * SCALE
+    # Healthy endpoints get every event; hostile ones every third (order.updated).
+    types = ("order.created", "order.created", "order.updated")
+    both = ["order.created", "order.updated"]
+
+    async def healthy_latencies(tenant: str, paths: list[str]) -> list[float]:
+        """Publish a steady load; seconds from publish to a healthy endpoint's 2xx, sorted."""
+        await publish_load(broker, ledger, tenant, types, count, seconds)
+        await receiver.wait_for(lambda _: ledger.delivered_to(paths), timeout=60 * SCALE)
+        return ledger.latencies(paths)
+
+    # Baseline: the healthy endpoints alone.
+    quiet = f"{org}_quiet"
+    for path in ("/quiet-1", "/quiet-2"):
+        await ledger.add_endpoint(pg_store, receiver, quiet, path, both)
+    alone = await healthy_latencies(quiet, ["/quiet-1", "/quiet-2"])
+
+    # The same load, with six hostile endpoints in the same organization.
+    hostile = {
+        "/hang": hang,
+        "/reset": reset,
+        "/flaky": error_then_ok,
+        "/redirect": redirect_to("https://169.254.169.254/latest/meta-data/"),
+        "/big": big_body,
+        "/trickle": trickle,
+    }
+    for path in ("/healthy-1", "/healthy-2"):
+        await ledger.add_endpoint(pg_store, receiver, org, path, both)
+    ids = {
+        path: (
+            await ledger.add_endpoint(pg_store, receiver, org, path, ["order.updated"], b)
+        ).webhook_id
+        for path, b in hostile.items()
+    }
+    beside = await healthy_latencies(org, ["/healthy-1", "/healthy-2"])
+    await _finish(ledger, pg_store, worker, amqp_url, capsys, schedule=schedule)
+    p95_alone, p95_beside = _percentile(alone, 0.95), _percentile(beside, 0.95)
+    print(  # noqa: T201
+        f"healthy endpoints, publish to 2xx: p50 {_percentile(alone, 0.5):.3f}s p95 "
+        f"{p95_alone:.3f}s alone; p50 {_percentile(beside, 0.5):.3f}s p95 {p95_beside:.3f}s "
+        "beside hostile ones"
+    )
+    # No healthy delivery waited for a hostile attempt to time out (DELIVERY_TIMEOUT = 2 s):
+    # hostile endpoints cost the worker extra attempts, not held slots or a blocked loop.
+    assert p95_beside < 2.0, (p95_alone, p95_beside)
+
+    attempts = {path: await _attempts(pg_store, webhook_id) for path, webhook_id in ids.items()}
+    hostile_events = sum(
+        1 for tenant, event_type in ledger.confirmed.values()
+        if tenant == org and event_type == "order.updated"
+    )  # fmt: skip
+    for path in ("/hang", "/trickle", "/reset", "/redirect"):
+        assert len(attempts[path]) == hostile_events * (len(schedule) + 1), path
+        assert not any(a.success for a in attempts[path]), path
+    assert {a.error_kind for a in attempts["/hang"]} == {"timeout"}
+    assert {a.error_kind for a in attempts["/trickle"]} == {"timeout"}
+    assert {a.error_kind for a in attempts["/reset"]} == {"connection_error"}
+    assert {(a.error_kind, a.status_code) for a in attempts["/redirect"]} == {
+        ("redirect_not_followed", 302)
+    }
+    # The delivery timeout bounds an attempt from connect to last byte, trickle included.
+    assert max(a.duration_ms for a in attempts["/hang"] + attempts["/trickle"]) < 2000 + 1000
+    assert {(a.attempt, a.success, a.error_kind, a.status_code) for a in attempts["/flaky"]} == {
+        (1, False, "http_status", 500),
+        (2, True, None, 200),
+    }
+    assert len(attempts["/flaky"]) == 2 * hostile_events
+    assert len(attempts["/big"]) == hostile_events
+    assert all(a.success and a.status_code == 200 for a in attempts["/big"])
+    assert all(0 < len(a.response_body or "") <= RESPONSE_EXCERPT_BYTES for a in attempts["/big"])
+
+
+# --- 5. a poison task -----------------------------------------------------------------------
+
+
+async def test_poison_task_ends_in_dead_letter_queue(
+    amqp_url: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ok = await ledger.add_endpoint(pg_store, receiver, org, "/ok", ["order.created"])
+    await _start(worker)
+    marker = f"evt_poison_{os.urandom(6).hex()}"
+    # Valid for DeliveryTask, but its event has no id or type: the handler raises every time.
+    poison = DeliveryTask(event_id=marker, webhook_id=ok.webhook_id, attempt=1, event={})
+    channel = await broker.channel(publisher_confirms=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(poison.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        routing_key=topology.DELIVERIES_QUEUE,
+    )
+    await publish_load(broker, ledger, org, ["order.created"], scaled(100), 4 * SCALE)
+    await receiver.wait_for(lambda _: ledger.delivered_to(["/ok"]), timeout=30)
+    dead = await _dead_letter(channel, marker)
+    await channel.close()
+    assert worker.running
+    assert worker.starts == 1
+    await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    reason = dead.headers.get("x-first-death-reason")
+    print(f"poison task dead-lettered: {reason!r} {dead.headers.get('x-death')!r}")  # noqa: T201
+    assert reason == "delivery_limit"
+
+
+async def _dead_letter(
+    channel: aio_pika.abc.AbstractChannel, marker: str, timeout: float = 60
+) -> aio_pika.abc.AbstractIncomingMessage:
+    """Consume ``webhooks.dead`` until the message holding ``marker`` (others are acked)."""
+    queue = await channel.get_queue(topology.DEAD_QUEUE)
+    async with asyncio.timeout(timeout), queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            if marker.encode() in message.body:
+                return message
+    raise AssertionError("unreachable")
+
+
+# --- 6. SIGTERM -----------------------------------------------------------------------------
+
+
+async def test_sigterm_under_load(
+    amqp_url: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = random.Random(ledger.seed)
+
+    async def slowish(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    await ledger.add_endpoint(
+        pg_store, receiver, org, "/all", ["order.created", "order.updated"], slowish
+    )
+    await ledger.add_endpoint(pg_store, receiver, org, "/created", ["order.created"], slowish)
+    drain_bound = 5
+    worker.env["SELLFERN_WEBHOOKS_SHUTDOWN_DRAIN_SECONDS"] = str(drain_bound)
+    worker.env["SELLFERN_WEBHOOKS_DELIVERY_CONCURRENCY"] = "32"
+    await _start(worker)
+    load = asyncio.create_task(
+        publish_load(broker, ledger, org, ORDER_TYPES, scaled(400), 10 * SCALE)
+    )
+    stops: list[float] = []
+    for _ in range(scaled(3)):
+        await _progress(receiver, rng.randint(60, 150))
+        code, took = await worker.terminate()
+        assert code == 0, worker.tail()
+        stops.append(took)
+        await worker.start()
+    await load
+    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    print(f"SIGTERM to exit (s): {[round(s, 2) for s in stops]}")  # noqa: T201
+    # The drain bound, plus closing connections and the interpreter's exit.
+    assert max(stops) < drain_bound + 3
+    assert tally.duplicates == 0
