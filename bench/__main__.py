@@ -1,0 +1,204 @@
+"""``python -m bench``: run the benchmark, print one table, write the JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aio_pika
+
+from bench import report
+from bench.harness import QUICK, Bench, Outcome, Sizes
+from bench.infra import Progress, postgres_database, tls_files, vhost
+from bench.load import EventPublisher
+from bench.procs import REPO_ROOT
+from bench.receiver import run_receiver
+from bench.scenarios import SCENARIOS
+from worker import crypto, database, topology
+from worker.settings import Settings
+from worker.store import Store
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the webhook worker against its own RabbitMQ vhost, PostgreSQL "
+        "database and HTTPS receiver, all created for the run and removed afterwards.",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a CI smoke run")
+    parser.add_argument(
+        "--events",
+        type=int,
+        help="events for ceiling and throughput (default 20000; isolation and fan-out use half)",
+    )
+    parser.add_argument("--latency-rate", type=float, help="events/s (default 300)")
+    parser.add_argument("--latency-seconds", type=float, help="seconds (default 30)")
+    parser.add_argument("--fanout-orgs", type=int, help="organizations of 10 endpoints (1000)")
+    parser.add_argument("--backlog-events", type=int, help="events queued (default 100000)")
+    parser.add_argument(
+        "--backlog-seconds",
+        type=float,
+        help="stop measuring the backlog after this long (default 180)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=Settings.model_fields["delivery_concurrency"].default,
+        help="DELIVERY_CONCURRENCY for the worker and the bare client (default %(default)s)",
+    )
+    parser.add_argument(
+        "--receiver-procs",
+        type=int,
+        default=1,
+        help="receiver processes sharing one port (default %(default)s)",
+    )
+    parser.add_argument("--output", type=Path, help="JSON file (default bench/results/<time>.json)")
+    parser.add_argument("--amqp-base", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    return parser
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else Sizes()
+    if args.events is not None:
+        half = max(2, args.events // 2)
+        sizes = dataclasses.replace(
+            sizes, events=args.events, isolation_events=half, fanout_events=half
+        )
+    overrides = {
+        "latency_rate": args.latency_rate,
+        "latency_seconds": args.latency_seconds,
+        "fanout_orgs": args.fanout_orgs,
+        "backlog_events": args.backlog_events,
+        "backlog_seconds": args.backlog_seconds,
+    }
+    return dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _selected(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        raise SystemExit(
+            f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
+        )
+    if "throughput" in names and "ceiling" not in names:
+        names.append("ceiling")  # throughput is reported as a ratio to it
+    return [name for name in SCENARIOS if name in names]  # the canonical order
+
+
+async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output: Path) -> int:
+    progress = Progress()
+    log_dir = output.with_suffix("")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(UTC)
+    retry_schedule = Settings.model_fields["retry_schedule"].default
+    outcomes: dict[str, Outcome] = {}
+    secret_key = crypto.generate_key()
+
+    async with AsyncExitStack() as stack:
+        progress("creating a RabbitMQ vhost and a PostgreSQL database")
+        amqp_url = await stack.enter_async_context(vhost(args.amqp_base))
+        database_url = await stack.enter_async_context(postgres_database(args.pg_admin_dsn))
+        tls = tls_files(log_dir)
+        receiver = await stack.enter_async_context(
+            run_receiver(tls.cert, tls.key, args.receiver_procs, log_dir)
+        )
+        progress(f"receiver listening at {receiver.base_url} ({args.receiver_procs} process(es))")
+        engine = database.create_engine(database_url)
+        stack.push_async_callback(engine.dispose)
+        connection = await aio_pika.connect_robust(
+            amqp_url, client_properties={"connection_name": "sellfern-webhooks bench"}
+        )
+        stack.push_async_callback(connection.close)
+        channel = await connection.channel()
+        # Declared here as the worker declares it, so events can be queued before it starts.
+        topo = await topology.declare(channel, retry_schedule)
+        bench = Bench(
+            sizes=sizes,
+            concurrency=args.concurrency,
+            amqp_url=amqp_url,
+            database_url=database_url,
+            secret_key=secret_key,
+            retry_schedule=retry_schedule,
+            queue_names=topo.queue_names,
+            tls=tls,
+            receiver=receiver,
+            store=Store(engine, crypto.SecretBox([secret_key])),
+            channel=channel,
+            publisher=await EventPublisher.open(connection),
+            log_dir=log_dir,
+            progress=progress,
+        )
+        for name in names:
+            progress(f"== {name}")
+            outcomes[name] = await SCENARIOS[name](bench, outcomes)
+        progress("cleaning up")
+
+    results = [outcomes[name] for name in names]
+    print(report.table(results))
+    config = {
+        **dataclasses.asdict(sizes),
+        "concurrency": args.concurrency,
+        "receiver_procs": args.receiver_procs,
+        "quick": args.quick,
+    }
+    meta = {
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "command": ["python", "-m", "bench", *sys.argv[1:]],
+    }
+    report.write_json(output, results, config, meta)
+    print(f"\nresults written to {output}; logs in {log_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    names = _selected(args.scenarios)
+    sizes = _sizes(args)
+    output = args.output or RESULTS_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}.json"
+
+    async def guarded() -> int:
+        # Ctrl-C and SIGTERM cancel the run once, so that the cleanup runs; later signals only
+        # say that it is under way (handled here explicitly, as a background job ignores SIGINT).
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - always inside a task here
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            if interrupted:
+                print("cleaning up; please wait", file=sys.stderr)
+                return
+            interrupted = True
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, interrupt)
+        return await _run(args, names, sizes, output)
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; vhost, database and processes removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Child processes of the harness: the worker under test, and how any child is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "SELLFERN_WEBHOOKS_"
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+class WorkerExitedError(RuntimeError):
+    pass
+
+
+class WorkerProcess:
+    """One ``python -m worker.cli worker`` process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def memory_mb(self) -> tuple[float, float]:
+        """Resident set size now and its peak so far (VmRSS, VmHWM), in MiB."""
+        values = {"VmRSS": 0.0, "VmHWM": 0.0}
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] = int(rest.split()[0]) / 1024  # kB
+        return values["VmRSS"], values["VmHWM"]
+
+    def check_alive(self) -> None:
+        if self.proc.returncode is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise WorkerExitedError(
+                f"the worker exited with {self.proc.returncode}; log {self.log_path}:\n{tail}"
+            )
+
+
+@asynccontextmanager
+async def run_worker(settings: Mapping[str, str], log_path: Path) -> AsyncIterator[WorkerProcess]:
+    """Run the worker with ``SELLFERN_WEBHOOKS_<key>=<value>`` settings; stop it on exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({ENV_PREFIX + key: value for key, value in settings.items()})
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "worker",
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            yield WorkerProcess(proc, log_path)
+        finally:
+            await stop_process(proc, 30)

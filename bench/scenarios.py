@@ -1,0 +1,282 @@
+"""The six measurements.
+
+Every scenario starts from empty queues and tables, seeds its endpoints through
+``worker.store.Store``, and runs its own ``python -m worker.cli worker`` process. Unless a
+scenario says otherwise, events are published *before* the worker starts, and the clock runs
+from the first event the worker stored (``events.received_at``) to the last attempt it
+recorded (``attempts.created_at``): both are the worker's own timestamps in PostgreSQL, so
+neither process start-up nor the harness's polling interval is counted. (RabbitMQ's queue
+statistics cannot mark the start: for quorum queues they lag by seconds.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from bench.harness import (
+    EVENT_TYPE,
+    LATENCY_WAIT_SECONDS,
+    POLL_SECONDS,
+    Bench,
+    Outcome,
+    percentile,
+    rate,
+    ratio,
+)
+from bench.load import bare_client, order_event, wire_events
+from schemas.events import EVENT_TYPES
+from worker.store import new_signing_secret
+
+OTHER_TYPES = tuple(t for t in EVENT_TYPES if t != EVENT_TYPE)
+SLOW_MS = 2000
+FAST_ENDPOINTS = 10
+
+
+Scenario = Callable[[Bench, dict[str, Outcome]], Awaitable[Outcome]]
+
+
+async def ceiling(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("ceiling")
+    say = bench.say("ceiling")
+    await bench.receiver.reset()
+    events = wire_events(order_event("org_bench_ceiling", n=i) for i in range(bench.sizes.events))
+    say(f"{len(events)} POSTs, {bench.concurrency} at a time, bare aiohttp client")
+    ok, failed, seconds = await bare_client(
+        bench.receiver.url("/ceiling"),
+        bench.tls.ca,
+        new_signing_secret(),
+        events,
+        bench.concurrency,
+    )
+    received = (await bench.receiver.stats()).count("/ceiling")
+    outcome.add("deliveries/s", ok / seconds if ok else None, "/s")
+    outcome.details = {
+        "requests": len(events),
+        "succeeded": ok,
+        "failed": failed,
+        "seconds": seconds,
+        "received": received,
+    }
+    outcome.notes.append(
+        "same signed payloads, same receiver, concurrency = DELIVERY_CONCURRENCY; "
+        "the client runs in the harness process"
+    )
+    return outcome
+
+
+async def throughput(bench: Bench, done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("throughput")
+    say = bench.say("throughput")
+    await bench.reset()
+    org = "org_bench_throughput"
+    await bench.seed([(org, "/throughput", [EVENT_TYPE])], say)
+    envelopes = [order_event(org, n=i) for i in range(bench.sizes.events)]
+    await bench.publisher.publish_all(envelopes, say)
+    per_second, count = await bench.drain_rate("throughput", len(envelopes), len(envelopes), None)
+    received = (await bench.receiver.stats()).count("/throughput")
+    ceiling_rate = done["ceiling"].value("deliveries/s") if "ceiling" in done else None
+    outcome.add("deliveries/s", per_second, "/s")
+    outcome.add("ratio to ceiling", ratio(per_second, ceiling_rate), "x", at_least=0.30)
+    outcome.details = {
+        "events": len(envelopes),
+        "attempts": count.total,
+        "failed_attempts": count.failed,
+        "received": received,
+    }
+    outcome.notes.append(
+        "events published before the worker starts; clock from the first event it stored to the "
+        "last attempt recorded in PostgreSQL"
+    )
+    return outcome
+
+
+async def latency(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("latency")
+    say = bench.say("latency")
+    sizes = bench.sizes
+    await bench.reset()
+    org = "org_bench_latency"
+    await bench.seed([(org, "/latency", [EVENT_TYPE])], say)
+    async with bench.worker("latency") as worker:
+        await bench.warm_up(worker, org, "/latency", say)
+        say(f"publishing {sizes.latency_rate:g} events/s for {sizes.latency_seconds:g}s")
+        sent, seconds = await bench.publisher.publish_paced(
+            lambda n: order_event(org, n=n), sizes.latency_rate, sizes.latency_seconds, say
+        )
+        deadline = time.monotonic() + LATENCY_WAIT_SECONDS
+        while (await bench.receiver.stats()).count("/latency") < len(sent):
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                say(f"stopped waiting for the last deliveries after {LATENCY_WAIT_SECONDS}s")
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        stats = await bench.receiver.stats(ids=True)
+        given_up = time.time()
+    # An event not delivered by the time the harness gave up counts as delivered then: the
+    # percentiles stay numbers, and are lower bounds whenever any is missing.
+    lags = sorted(
+        (stats.ids.get(event_id, given_up) - occurred) * 1000 for event_id, occurred in sent
+    )
+    missing = sum(1 for event_id, _ in sent if event_id not in stats.ids)
+    outcome.add("p50", percentile(lags, 50), "ms")
+    outcome.add("p99", percentile(lags, 99), "ms", at_most=50)
+    outcome.add("achieved rate", len(sent) / seconds, "ev/s")
+    outcome.add("delivered", (len(sent) - missing) / len(sent) * 100, "%")
+    outcome.details = {
+        "events": len(sent),
+        "received": len(sent) - missing,
+        "duplicates": stats.duplicates,
+        "max_ms": lags[-1] if lags else None,
+    }
+    outcome.notes.append(
+        "worker running first; events published live; occurred_at to receipt at the receiver"
+    )
+    if missing:
+        outcome.notes.append(
+            f"{missing} of {len(sent)} events undelivered {LATENCY_WAIT_SECONDS}s after the last "
+            "publish, counted as delivered then: p50/p99 are lower bounds"
+        )
+    return outcome
+
+
+async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("isolation")
+    half = bench.sizes.isolation_events // 2
+    rates: dict[str, float | None] = {}
+    for with_slow in (False, True):
+        label = "isolation+slow" if with_slow else "isolation"
+        say = bench.say(label)
+        await bench.reset()
+        fast = [(f"org_bench_fast{i}", f"/fast/{i}", [EVENT_TYPE]) for i in range(FAST_ENDPOINTS)]
+        slow = [("org_bench_slow", f"/delay/{SLOW_MS}/slow", [EVENT_TYPE])]
+        webhook_ids = await bench.seed(fast + slow if with_slow else fast, say)
+        fast_events = [order_event(fast[i % FAST_ENDPOINTS][0], n=i) for i in range(half)]
+        envelopes = fast_events
+        if with_slow:
+            slow_events = [order_event(slow[0][0], n=i) for i in range(half)]
+            envelopes = [e for pair in zip(fast_events, slow_events, strict=True) for e in pair]
+        await bench.publisher.publish_all(envelopes, say)
+        per_second, count = await bench.drain_rate(
+            label, len(envelopes), half, webhook_ids[:FAST_ENDPOINTS]
+        )
+        rates[label] = per_second
+        outcome.details[label] = {
+            "events": len(envelopes),
+            "fast_attempts": count.total,
+            "failed_attempts": count.failed,
+        }
+        if with_slow:
+            outcome.details[label]["slow_attempts"] = (
+                await bench.attempts(webhook_ids[FAST_ENDPOINTS:])
+            ).total
+    outcome.add("fast deliveries/s alone", rates["isolation"], "/s")
+    outcome.add("fast deliveries/s beside slow", rates["isolation+slow"], "/s")
+    outcome.add("ratio", ratio(rates["isolation+slow"], rates["isolation"]), "x", at_least=0.9)
+    outcome.notes.append(
+        f"{half} events over {FAST_ENDPOINTS} fast endpoints, alone and interleaved with {half} "
+        f"to one endpoint answering after {SLOW_MS} ms; pre-published; clock stops at the last "
+        "fast attempt"
+    )
+    return outcome
+
+
+async def fanout(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("fanout")
+    sizes = bench.sizes
+    rates: dict[str, float | None] = {}
+    configs = {
+        "fanout-small": (FAST_ENDPOINTS, 1),
+        "fanout-large": (sizes.fanout_orgs, sizes.fanout_endpoints_per_org),
+    }
+    for label, (orgs, per_org) in configs.items():
+        say = bench.say(label)
+        await bench.reset()
+        endpoints: list[tuple[str, str, Sequence[str]]] = []
+        for o in range(orgs):
+            org = f"org_bench_fan{o}"
+            # One endpoint per org takes the published type; the rest subscribe to others, so
+            # they are matched against but never chosen: one delivery per event in both runs.
+            endpoints.append((org, f"/fan/{o}", [EVENT_TYPE]))
+            endpoints.extend(
+                (org, f"/other/{o}/{k}", [OTHER_TYPES[k % len(OTHER_TYPES)]])
+                for k in range(1, per_org)
+            )
+        say(f"seeding {len(endpoints)} endpoints over {orgs} organizations")
+        await bench.seed(endpoints, say)
+        envelopes = [
+            order_event(f"org_bench_fan{i % orgs}", n=i) for i in range(sizes.fanout_events)
+        ]
+        await bench.publisher.publish_all(envelopes, say)
+        rates[label], count = await bench.drain_rate(label, len(envelopes), len(envelopes), None)
+        outcome.details[label] = {
+            "endpoints": len(endpoints),
+            "organizations": orgs,
+            "events": len(envelopes),
+            "attempts": count.total,
+            "failed_attempts": count.failed,
+        }
+    small, large = configs["fanout-small"], configs["fanout-large"]
+    outcome.add(f"events/s, {small[0] * small[1]} endpoints", rates["fanout-small"], "/s")
+    outcome.add(f"events/s, {large[0] * large[1]} endpoints", rates["fanout-large"], "/s")
+    outcome.add("ratio", ratio(rates["fanout-large"], rates["fanout-small"]), "x", at_least=0.9)
+    outcome.notes.append(
+        "events round-robin over organizations with one subscribed endpoint each; pre-published"
+    )
+    return outcome
+
+
+async def backlog(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
+    outcome = Outcome("backlog")
+    say = bench.say("backlog")
+    sizes = bench.sizes
+    await bench.reset()
+    org = "org_bench_backlog"
+    await bench.seed([(org, "/backlog", [EVENT_TYPE])], say)
+    envelopes = [order_event(org, n=i) for i in range(sizes.backlog_events)]
+    await bench.publisher.publish_all(envelopes, say)
+    samples: list[float] = []
+    async with bench.worker("backlog") as worker:
+        started = time.time()
+
+        def sample() -> str:
+            rss, peak = worker.memory_mb()
+            samples.append(rss)
+            return f"; worker RSS {rss:.0f} MB, peak {peak:.0f} MB"
+
+        count = await bench.drain(
+            worker, len(envelopes), started, say, timeout=sizes.backlog_seconds, on_poll=sample
+        )
+        peak = worker.memory_mb()[1]  # VmHWM: the kernel's own peak, not only our samples
+        seconds = time.time() - started
+    first = await bench.first_event_at()
+    outcome.add("peak RSS", peak or None, "MB", at_most=200)
+    outcome.add("drained", count.total, "events")
+    outcome.add("drain rate", rate(count.total, first, count.last_at) if first else None, "/s")
+    outcome.details = {
+        "queued": len(envelopes),
+        "measured_seconds": seconds,
+        "rss_first_sample_mb": samples[0] if samples else None,
+        "rss_samples_max_mb": max(samples, default=0),
+        "failed_attempts": count.failed,
+    }
+    bounded = (
+        ""
+        if count.total >= len(envelopes)
+        else (f"; measuring stopped after {sizes.backlog_seconds:g}s with {count.total} drained")
+    )
+    outcome.notes.append(
+        f"{len(envelopes)} events queued before the worker starts; peak = VmHWM{bounded}"
+    )
+    return outcome
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "ceiling": ceiling,
+    "throughput": throughput,
+    "latency": latency,
+    "isolation": isolation,
+    "fanout": fanout,
+    "backlog": backlog,
+}
