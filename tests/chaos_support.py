@@ -297,7 +297,7 @@ async def queues_idle(amqp_url: str, retry_schedule: Sequence[float]) -> bool:
     names = [
         topology.EVENTS_QUEUE,
         topology.DELIVERIES_QUEUE,
-        topology.DEFERRED_QUEUE,
+        *(topology.deferred_queue_name(d) for d in topology.DEFER_TIERS),
         *(topology.retry_queue_name(d) for d in set(retry_schedule)),
     ]
     connection = await aio_pika.connect(amqp_url)

@@ -55,7 +55,7 @@ QUEUES = frozenset(
     {
         topology.EVENTS_QUEUE,
         topology.DELIVERIES_QUEUE,
-        topology.DEFERRED_QUEUE,
+        *(topology.deferred_queue_name(d) for d in topology.DEFER_TIERS),
         topology.DEAD_QUEUE,
         *(topology.retry_queue_name(d) for d in Settings.model_fields["retry_schedule"].default),
     }

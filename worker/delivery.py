@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from schemas.events import TEST_EVENT_TYPE, new_event_id
 from worker import topology
 from worker.ids import new_id
+from worker.loader import BatchLoader
 from worker.metrics import Metrics, status_class
 from worker.outcome import Decision, Verdict, decide
 from worker.sender import Sender, Sent
@@ -69,46 +72,15 @@ async def riding_out_database_outages(store: Store, handle: Callable[[], Awaitab
             return
 
 
-class WebhookLoader:
-    """Reads the endpoints of concurrent tasks in one query instead of one query per task.
+def encode_task(event_id: str, webhook_id: str, attempt: int, event_json: bytes) -> bytes:
+    """A :class:`DeliveryTask` body around an event already in JSON, without re-encoding it."""
+    head = json.dumps({"event_id": event_id, "webhook_id": webhook_id, "attempt": attempt})
+    return f'{head[:-1]}, "event": '.encode() + event_json + b"}"
 
-    Lookups that arrive while a query is under way wait for the next one, so the batch grows
-    with the load and a lone lookup goes out at once. Every task still reads the endpoint
-    after it arrived, so a PATCH ``enabled=false`` or a DELETE that returned before is seen.
-    """
 
-    def __init__(self, store: Store, max_batch: int = 500) -> None:
-        self._store = store
-        self._max_batch = max_batch
-        self._waiting: dict[str, list[asyncio.Future[Webhook | None]]] = {}
-        self._running: asyncio.Task[None] | None = None
-
-    async def get(self, webhook_id: str) -> Webhook | None:
-        future: asyncio.Future[Webhook | None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(webhook_id, []).append(future)
-        if self._running is None:
-            self._running = asyncio.create_task(self._load(), name="webhook-loader")
-        return await future
-
-    async def _load(self) -> None:
-        try:
-            while self._waiting:
-                ids = list(self._waiting)[: self._max_batch]
-                batch = {webhook_id: self._waiting.pop(webhook_id) for webhook_id in ids}
-                try:
-                    found = await self._store.get_webhooks(batch)
-                except Exception as exc:
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for webhook_id, futures in batch.items():
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(found.get(webhook_id))
-        finally:
-            self._running = None
+def task_headers(webhook_id: str) -> dict[str, Any]:
+    """Headers of a delivery task message: the endpoint, readable without parsing the body."""
+    return {topology.WEBHOOK_HEADER: webhook_id}
 
 
 class DeliveryTask(BaseModel):
@@ -195,7 +167,11 @@ class Deliverer:
         self._settings = settings
         self._publisher = publisher
         self._writer = writer
-        self._webhooks = WebhookLoader(store)
+        # Concurrent tasks read their endpoints in one query; each still reads after it
+        # arrived, so a PATCH enabled=false or a DELETE that returned before is seen.
+        self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
+            "webhooks", store.get_webhooks, None
+        )
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
 
@@ -205,7 +181,9 @@ class Deliverer:
         """Consumer callback: settle the message in exactly one place."""
         async with message.process(requeue=True, ignore_processed=True):
             try:
-                await riding_out_database_outages(self._store, lambda: self._handle(message.body))
+                await riding_out_database_outages(
+                    self._store, lambda: self._handle(message.body, dict(message.headers))
+                )
             except Exception:
                 log.exception("delivery task failed; it will be redelivered")
                 # Back off a little so a broken dependency is not hammered; after
@@ -215,8 +193,31 @@ class Deliverer:
             finally:
                 structlog.contextvars.clear_contextvars()
 
-    async def _handle(self, body: bytes) -> None:
+    def _at_cap(self, webhook_id: str) -> bool:
+        return self._in_flight[webhook_id] >= self._settings.endpoint_concurrency
+
+    async def _defer(self, body: bytes, headers: dict[str, Any]) -> None:
+        """Put a task back for later: it waits in the broker, not in memory, and the slot
+        goes to another endpoint. A deferral is not an attempt."""
+        assert self._publisher is not None  # noqa: S101
+        count = headers.get(topology.DEFERRALS_HEADER, 0)
+        count = count if isinstance(count, int) else 0
+        delay = topology.DEFER_TIERS[min(count, len(topology.DEFER_TIERS) - 1)]
+        await self._publisher.to_queue(
+            topology.deferred_queue_name(delay),
+            body,
+            {**headers, topology.DEFERRALS_HEADER: count + 1},
+        )
+        self._metrics.deferred.inc()
+
+    async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
+        hinted = headers.get(topology.WEBHOOK_HEADER)
+        if isinstance(hinted, str) and self._at_cap(hinted):
+            # Decided from the header alone: a slow endpoint's backlog costs no parsing and
+            # no database read each time it comes round.
+            await self._defer(body, headers)
+            return
         try:
             task = DeliveryTask.model_validate_json(body)
         except ValidationError as exc:
@@ -225,16 +226,18 @@ class Deliverer:
         structlog.contextvars.bind_contextvars(
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
+        if self._at_cap(task.webhook_id):
+            await self._defer(body, headers)
+            return
+        with self._slot(task.webhook_id):
+            await self._deliver(task, body)
+
+    async def _deliver(self, task: DeliveryTask, body: bytes) -> None:
+        assert self._publisher is not None  # noqa: S101
         webhook = await self._webhooks.get(task.webhook_id)
         if webhook is None or not webhook.enabled:
             log.info("delivery skipped: endpoint deleted or disabled")
             self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
-            return
-        if self._in_flight[webhook.id] >= self._settings.endpoint_concurrency:
-            # Hold nothing for a busy endpoint: the task waits in the broker, not in memory,
-            # and the slot goes to another endpoint. A deferral is not an attempt.
-            await self._publisher.to_queue(topology.DEFERRED_QUEUE, body)
-            self._metrics.deferred.inc()
             return
         sent = await self._send(webhook, task.event)
         now = utcnow()
@@ -245,7 +248,9 @@ class Deliverer:
         if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
             tier = topology.retry_queue_name(decision.next_delay)
             retry = task.model_copy(update={"attempt": task.attempt + 1})
-            durable.append(self._publisher.to_queue(tier, retry.encode()))
+            durable.append(
+                self._publisher.to_queue(tier, retry.encode(), task_headers(task.webhook_id))
+            )
             self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
         elif decision.verdict is Verdict.FAILED:
             durable.append(
@@ -260,16 +265,22 @@ class Deliverer:
         else:
             await self._store.record_attempts([record])
 
-    async def _send(self, webhook: Webhook, event: dict[str, Any]) -> Sent:
-        self._in_flight[webhook.id] += 1
+    @contextlib.contextmanager
+    def _slot(self, webhook_id: str) -> Iterator[None]:
+        """Count an attempt under way to ``webhook_id`` against its cap, from before the
+        endpoint is read until the attempt is settled."""
+        self._in_flight[webhook_id] += 1
         self._metrics.in_flight.inc()
         try:
-            return await self._sender.send(webhook.url, webhook.signing_secrets(utcnow()), event)
+            yield
         finally:
             self._metrics.in_flight.dec()
-            self._in_flight[webhook.id] -= 1
-            if not self._in_flight[webhook.id]:
-                del self._in_flight[webhook.id]
+            self._in_flight[webhook_id] -= 1
+            if not self._in_flight[webhook_id]:
+                del self._in_flight[webhook_id]
+
+    async def _send(self, webhook: Webhook, event: dict[str, Any]) -> Sent:
+        return await self._sender.send(webhook.url, webhook.signing_secrets(utcnow()), event)
 
     async def _after(
         self,
@@ -333,7 +344,8 @@ class Deliverer:
         return await self._attempt_now(webhook, event, number)
 
     async def _attempt_now(self, webhook: Webhook, event: dict[str, Any], number: int) -> Attempt:
-        sent = await self._send(webhook, event)
+        with self._slot(webhook.id):
+            sent = await self._send(webhook, event)
         now = utcnow()
         # A manual attempt is one attempt: it schedules no retries of its own.
         decision = decide(sent.response, number, (), now)

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker import topology
-from worker.delivery import DeliveryTask, Publisher, riding_out_database_outages
+from worker.delivery import Publisher, encode_task, riding_out_database_outages, task_headers
+from worker.loader import BatchLoader
 from worker.metrics import Metrics
 from worker.store import NewEvent, Store
 from worker.writer import BatchWriter
@@ -84,11 +85,20 @@ def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, A
 
 
 class EndpointMatcher:
-    """Which endpoints an (organization, event type) goes to, cached per process."""
+    """Which endpoints an (organization, event type) goes to, cached per process.
+
+    Cache misses that happen together — a burst of events from many organizations — are
+    answered by one indexed query.
+    """
 
     def __init__(self, store: Store) -> None:
-        self._store = store
         self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}
+        # Bumped by every invalidation: an answer to a query that started before a change
+        # is used once but not cached.
+        self._generation = 0
+        self._loader: BatchLoader[tuple[str, str], list[str]] = BatchLoader(
+            "subscriptions", store.subscriptions, []
+        )
 
     async def lookup(self, org_id: str, event_type: str) -> list[str]:
         key = (org_id, event_type)
@@ -96,11 +106,14 @@ class EndpointMatcher:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        ids = await self._store.subscribed_webhook_ids(org_id, event_type)
-        self._cache[key] = (now + MATCH_CACHE_TTL, ids)
+        generation = self._generation
+        ids = await self._loader.get(key)
+        if generation == self._generation:
+            self._cache[key] = (now + MATCH_CACHE_TTL, ids)
         return ids
 
     def invalidate(self, org_id: str) -> None:
+        self._generation += 1
         for key in [k for k in self._cache if k[0] == org_id]:
             del self._cache[key]
 
@@ -110,6 +123,7 @@ class EndpointMatcher:
             try:
                 self.invalidate(str(json.loads(message.body)["org_id"]))
             except (ValueError, KeyError, TypeError):
+                self._generation += 1
                 self._cache.clear()
 
 
@@ -163,9 +177,8 @@ class FanOut:
             *(
                 self._publisher.to_queue(
                     topology.DELIVERIES_QUEUE,
-                    DeliveryTask(
-                        event_id=envelope.id, webhook_id=webhook_id, attempt=1, event=raw
-                    ).encode(),
+                    encode_task(envelope.id, webhook_id, 1, body),
+                    task_headers(webhook_id),
                 )
                 for webhook_id in webhook_ids
             )

@@ -494,6 +494,31 @@ class Store:
             )
             return result.rowcount > 0
 
+    async def subscriptions(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[str]]:
+        """Enabled endpoints per (organization, event type), for many keys in one query."""
+        query = (
+            sa.select(
+                webhook_subscriptions.c.org_id,
+                webhook_subscriptions.c.event_type,
+                webhook_subscriptions.c.webhook_id,
+            )
+            .join(webhooks, webhooks.c.id == webhook_subscriptions.c.webhook_id)
+            .where(
+                sa.tuple_(webhook_subscriptions.c.org_id, webhook_subscriptions.c.event_type).in_(
+                    list(keys)
+                ),
+                webhooks.c.enabled.is_(True),
+            )
+            .order_by(webhook_subscriptions.c.webhook_id)
+        )
+        found: dict[tuple[str, str], list[str]] = {key: [] for key in keys}
+        async with self.engine.connect() as connection:
+            for org_id, event_type, webhook_id in await connection.execute(query):
+                found[(org_id, event_type)].append(webhook_id)
+        return found
+
     async def subscribed_webhook_ids(self, org_id: str, event_type: str) -> list[str]:
         """Enabled endpoints of ``org_id`` subscribed to ``event_type``, found by index."""
         query = (

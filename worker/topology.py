@@ -4,7 +4,7 @@
 
     sellfern.events (topic) --#--> webhooks.events --fan-out--> webhooks.deliveries
     webhooks.retry.<delay>s --TTL, dead-letter--> webhooks.deliveries
-    webhooks.deferred       --TTL, dead-letter--> webhooks.deliveries
+    webhooks.deferred.<delay>s --TTL, dead-letter--> webhooks.deliveries
     invalid events, exhausted and poison tasks --> webhooks.dead
     webhooks.changes (fanout) --> one exclusive queue per worker, to invalidate caches
 
@@ -25,17 +25,25 @@ EVENTS_EXCHANGE = "sellfern.events"
 CHANGES_EXCHANGE = "webhooks.changes"
 EVENTS_QUEUE = "webhooks.events"
 DELIVERIES_QUEUE = "webhooks.deliveries"
-DEFERRED_QUEUE = "webhooks.deferred"
 DEAD_QUEUE = "webhooks.dead"
 # How often a message may be redelivered after its handler failed before RabbitMQ dead-letters
 # it: enough to ride out a restart or a database blip, few enough to stop a poison message.
 DELIVERY_LIMIT = 5
-# A task whose endpoint is at its concurrency cap waits this long before it is offered again.
-DEFER_MS = 1000
+# A task whose endpoint is at its concurrency cap waits in the broker before it is offered
+# again, longer each time it is put back: a slow endpoint's backlog then costs a few cheap
+# republishes per task instead of one a second, so the other endpoints keep the worker.
+DEFER_TIERS: tuple[float, ...] = (1.0, 5.0, 30.0)
+# Header naming the task's endpoint, so the cap is checked before the body is even parsed.
+WEBHOOK_HEADER = "x-webhook-id"
+DEFERRALS_HEADER = "x-deferrals"
 
 
 def retry_queue_name(delay: float) -> str:
     return f"webhooks.retry.{delay:g}s"
+
+
+def deferred_queue_name(delay: float) -> str:
+    return f"webhooks.deferred.{delay:g}s"
 
 
 def _quorum(**arguments: Any) -> dict[str, Any]:  # noqa: ANN401 - AMQP table values
@@ -71,7 +79,7 @@ class Topology:
         return [
             EVENTS_QUEUE,
             DELIVERIES_QUEUE,
-            DEFERRED_QUEUE,
+            *(deferred_queue_name(delay) for delay in DEFER_TIERS),
             *self.retry_queues.values(),
             DEAD_QUEUE,
         ]
@@ -94,7 +102,10 @@ async def declare(channel: AbstractChannel, retry_schedule: Sequence[float]) -> 
     deliveries = await channel.declare_queue(
         DELIVERIES_QUEUE, durable=True, arguments=_quorum(**poison_to_dead)
     )
-    await channel.declare_queue(DEFERRED_QUEUE, durable=True, arguments=_delay_queue(DEFER_MS))
+    for delay in DEFER_TIERS:
+        await channel.declare_queue(
+            deferred_queue_name(delay), durable=True, arguments=_delay_queue(round(delay * 1000))
+        )
     retry_queues: dict[float, str] = {}
     for delay in sorted(set(retry_schedule)):
         name = retry_queue_name(delay)
