@@ -9,10 +9,8 @@ acked only after the attempt is committed and the retry confirmed by the broker.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,12 +27,15 @@ from worker.metrics import Metrics, status_class
 from worker.outcome import Decision, Verdict, decide
 from worker.sender import Sender, Sent
 from worker.settings import Settings
+from worker.slots import EndpointSlots
 from worker.store import Attempt, AttemptRecord, DeliveryState, Store, Webhook, utcnow
 from worker.writer import BatchWriter
 
 log = structlog.get_logger("sellfern_webhooks.delivery")
 
 DISABLED_GONE = "the endpoint answered 410 Gone"
+# How long a task may wait for a slot of a busy endpoint before it is deferred to the broker.
+SLOT_WAIT_SECONDS = 0.25
 DISABLED_FAILING = "every delivery failed for {days:g} days"
 # Waits between probes of an unreachable database (the last one repeats).
 DATABASE_PROBE_SECONDS = (0.5, 1.0, 2.0, 5.0)
@@ -172,7 +173,7 @@ class Deliverer:
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
             "webhooks", store.get_webhooks, None
         )
-        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._slots = EndpointSlots(settings.endpoint_concurrency, SLOT_WAIT_SECONDS)
         self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
 
     # --- from the queue ----------------------------------------------------------------------
@@ -193,9 +194,6 @@ class Deliverer:
             finally:
                 structlog.contextvars.clear_contextvars()
 
-    def _at_cap(self, webhook_id: str) -> bool:
-        return self._in_flight[webhook_id] >= self._settings.endpoint_concurrency
-
     async def _defer(self, body: bytes, headers: dict[str, Any]) -> None:
         """Put a task back for later: it waits in the broker, not in memory, and the slot
         goes to another endpoint. A deferral is not an attempt."""
@@ -213,7 +211,7 @@ class Deliverer:
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
         hinted = headers.get(topology.WEBHOOK_HEADER)
-        if isinstance(hinted, str) and self._at_cap(hinted):
+        if isinstance(hinted, str) and self._slots.full(hinted):
             # Decided from the header alone: a slow endpoint's backlog costs no parsing and
             # no database read each time it comes round.
             await self._defer(body, headers)
@@ -226,11 +224,15 @@ class Deliverer:
         structlog.contextvars.bind_contextvars(
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
-        if self._at_cap(task.webhook_id):
+        if not await self._slots.acquire(task.webhook_id):
             await self._defer(body, headers)
             return
-        with self._slot(task.webhook_id):
+        self._metrics.in_flight.inc()
+        try:
             await self._deliver(task, body)
+        finally:
+            self._metrics.in_flight.dec()
+            self._slots.release(task.webhook_id)
 
     async def _deliver(self, task: DeliveryTask, body: bytes) -> None:
         assert self._publisher is not None  # noqa: S101
@@ -264,20 +266,6 @@ class Deliverer:
             await self._writer.write(record)
         else:
             await self._store.record_attempts([record])
-
-    @contextlib.contextmanager
-    def _slot(self, webhook_id: str) -> Iterator[None]:
-        """Count an attempt under way to ``webhook_id`` against its cap, from before the
-        endpoint is read until the attempt is settled."""
-        self._in_flight[webhook_id] += 1
-        self._metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self._metrics.in_flight.dec()
-            self._in_flight[webhook_id] -= 1
-            if not self._in_flight[webhook_id]:
-                del self._in_flight[webhook_id]
 
     async def _send(self, webhook: Webhook, event: dict[str, Any]) -> Sent:
         return await self._sender.send(webhook.url, webhook.signing_secrets(utcnow()), event)
@@ -344,8 +332,8 @@ class Deliverer:
         return await self._attempt_now(webhook, event, number)
 
     async def _attempt_now(self, webhook: Webhook, event: dict[str, Any], number: int) -> Attempt:
-        with self._slot(webhook.id):
-            sent = await self._send(webhook, event)
+        # Sent now, at a customer's request: not counted against the endpoint's cap.
+        sent = await self._send(webhook, event)
         now = utcnow()
         # A manual attempt is one attempt: it schedules no retries of its own.
         decision = decide(sent.response, number, (), now)
