@@ -227,21 +227,26 @@ class Deliverer:
         if not await self._slots.acquire(task.webhook_id):
             await self._defer(body, headers)
             return
+        # The slot covers reading the endpoint and the request; recording the attempt and
+        # scheduling a retry happen after it is given back, so the cap bounds the load on the
+        # endpoint, not the worker's own bookkeeping.
         self._metrics.in_flight.inc()
         try:
-            await self._deliver(task, body)
+            webhook = await self._webhooks.get(task.webhook_id)
+            if webhook is None or not webhook.enabled:
+                log.info("delivery skipped: endpoint deleted or disabled")
+                self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
+                return
+            sent = await self._send(webhook, task.event)
         finally:
             self._metrics.in_flight.dec()
             self._slots.release(task.webhook_id)
+        await self._settle(task, body, webhook, sent)
 
-    async def _deliver(self, task: DeliveryTask, body: bytes) -> None:
+    async def _settle(self, task: DeliveryTask, body: bytes, webhook: Webhook, sent: Sent) -> None:
+        """Record the attempt and, on a retryable failure, schedule the next one — both
+        durable before the caller acks the task."""
         assert self._publisher is not None  # noqa: S101
-        webhook = await self._webhooks.get(task.webhook_id)
-        if webhook is None or not webhook.enabled:
-            log.info("delivery skipped: endpoint deleted or disabled")
-            self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
-            return
-        sent = await self._send(webhook, task.event)
         now = utcnow()
         decision = decide(sent.response, task.attempt, self._settings.retry_schedule, now)
         attempt = _attempt(webhook, task.event, task.attempt, sent, decision)
