@@ -62,26 +62,34 @@ def amqp_url() -> Iterator[str]:
     _rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.fixture(scope="session")
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
-    name = f"sfw_test_{uuid.uuid4().hex[:10]}"
+@asynccontextmanager
+async def fresh_postgres(prefix: str = "sfw_test") -> AsyncIterator[str]:
+    """An empty PostgreSQL database of its own, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    url = f"{base}/{name}"
-    engine = database.create_engine(url)
-    await database.migrate(engine)
-    await engine.dispose()
-    yield url
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield f"{base}/{name}"
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
+    async with fresh_postgres() as url:
+        engine = database.create_engine(url)
+        await database.migrate(engine)
+        await engine.dispose()
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

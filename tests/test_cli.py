@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import aio_pika
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import fresh_postgres
 from worker import database
 from worker.store import Store, hash_token
 
@@ -87,12 +85,8 @@ def test_bad_setting_stops_with_one_line_naming_it() -> None:
 
 
 async def test_postgres_needs_migrate_then_works() -> None:
-    name = f"sfw_cli_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        env = {"SELLFERN_WEBHOOKS_DATABASE_URL": f"{base}/{name}"}
+    async with fresh_postgres("sfw_cli") as url:
+        env = {"SELLFERN_WEBHOOKS_DATABASE_URL": url}
         refused = await asyncio.to_thread(
             run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
         )
@@ -107,9 +101,6 @@ async def test_postgres_needs_migrate_then_works() -> None:
             run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
         )
         assert created.returncode == 0, created.stderr
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_publish_is_confirmed_and_lands_in_the_events_queue(amqp_url: str) -> None:

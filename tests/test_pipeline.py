@@ -48,6 +48,19 @@ async def _webhook(
     return body  # type: ignore[no-any-return]
 
 
+async def _disabled(service: Service, webhook_id: str) -> dict[str, object]:
+    """Wait until the endpoint shows as disabled; return it."""
+    body: dict[str, object] = {}
+
+    async def disabled() -> bool:
+        nonlocal body
+        _, body = await service.call("GET", f"/webhooks/{webhook_id}")
+        return body["enabled"] is False
+
+    await eventually(disabled, what="endpoint disabled")
+    return body
+
+
 def _verify(received: Received, secret: str) -> dict[str, object]:
     """Verify with the reference Standard Webhooks library; return the payload."""
     payload = standardwebhooks.Webhook(secret).verify(received.body, received.headers)
@@ -203,14 +216,7 @@ async def test_gone_disables_the_endpoint(
     webhook = await _webhook(service, receiver.url("/gone"), ["order.created"])
     await publish_event(broker, "order.created", service.org, {})
     await _attempts(service, webhook["id"], 1)
-    body: dict[str, object] = {}
-
-    async def disabled() -> bool:
-        nonlocal body
-        _, body = await service.call("GET", f"/webhooks/{webhook['id']}")
-        return body["enabled"] is False
-
-    await eventually(disabled, what="endpoint disabled")
+    body = await _disabled(service, webhook["id"])
     assert "410" in str(body["disabled_reason"])
 
 
@@ -480,13 +486,6 @@ async def test_endpoint_failing_past_the_bound_is_disabled(
     service = await service_factory(auto_disable_after_seconds=0.5, retry_schedule="0.3,0.3,0.3")
     webhook = await _webhook(service, receiver.url("/broken"), ["order.created"])
     await publish_event(broker, "order.created", service.org, {})
-    body: dict[str, object] = {}
-
-    async def disabled() -> bool:
-        nonlocal body
-        _, body = await service.call("GET", f"/webhooks/{webhook['id']}")
-        return body["enabled"] is False
-
-    await eventually(disabled, what="endpoint disabled after its failure run")
+    body = await _disabled(service, webhook["id"])
     assert "failed for" in str(body["disabled_reason"])
     assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() == 1

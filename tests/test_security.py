@@ -17,7 +17,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from tests.conftest import PG_ADMIN_DSN, TEST_SECRET_KEY, Receiver, Service, ServiceFactory
+from tests.conftest import (
+    TEST_SECRET_KEY,
+    Receiver,
+    Service,
+    ServiceFactory,
+    fresh_postgres,
+)
 from worker import crypto, database
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings, SettingsError
@@ -349,26 +355,6 @@ async def test_sqlite_quick_start_generates_its_key_once(tmp_path: Path, amqp_ur
     Fernet(key_file.read_text().strip())  # a usable key
 
 
-@asynccontextmanager
-async def _fresh_postgres() -> AsyncIterator[str]:
-    """A database of its own, dropped afterwards."""
-    name = f"sfw_keys_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A migrated database of its own: rotate-keys rewrites every row of the database given."""
@@ -376,7 +362,7 @@ async def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> 
         if request.param == "sqlite":
             url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
         else:
-            url = await stack.enter_async_context(_fresh_postgres())
+            url = await stack.enter_async_context(fresh_postgres("sfw_keys"))
         engine = database.create_engine(url)
         await database.migrate(engine)
         await engine.dispose()
@@ -439,7 +425,7 @@ async def test_rotate_keys_reseals_every_secret(fresh_database_url: str) -> None
 
 
 async def test_dev_mode_starts_on_postgres_with_a_loud_warning() -> None:
-    async with _fresh_postgres() as url:
+    async with fresh_postgres("sfw_keys") as url:
         migrated = await asyncio.to_thread(
             _cli, "migrate", env={"SELLFERN_WEBHOOKS_DATABASE_URL": url}
         )
