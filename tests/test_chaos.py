@@ -55,8 +55,9 @@ from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings,
 from worker import database, topology
 from worker.crypto import SecretBox
 from worker.delivery import DeliveryTask
+from worker.records import Attempt
 from worker.sender import RESPONSE_EXCERPT_BYTES
-from worker.store import Attempt, Store
+from worker.store import Store
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
 

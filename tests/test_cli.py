@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import fresh_postgres
 from worker import database
-from worker.store import Store, hash_token
+from worker.store import Store
+from worker.tokens import hash_token
 
 
 def run_cli(

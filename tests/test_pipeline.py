@@ -9,6 +9,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -26,7 +27,8 @@ from tests.conftest import (
     make_settings,
     run_service,
 )
-from worker import topology
+from worker import tables, topology
+from worker.store import Store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -457,7 +459,6 @@ async def test_sigterm_under_load_loses_nothing(
 
 async def _count_succeeded(database_url: str, webhook_id: str) -> int:
     from worker import database  # noqa: PLC0415
-    from worker.store import Store  # noqa: PLC0415
 
     engine = database.create_engine(database_url)
     try:
@@ -489,3 +490,26 @@ async def test_endpoint_failing_past_the_bound_is_disabled(
     body = await _disabled(service, webhook["id"])
     assert "failed for" in str(body["disabled_reason"])
     assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() == 1
+
+
+async def test_retention_prunes_old_events_and_attempts(store: Store, org: str) -> None:
+    webhook = await store.create_webhook(org, "https://example.com/h", ["order.created"], "",
+                                         enabled=True)  # fmt: skip
+    now = datetime.now(UTC)
+    old, recent = f"evt_old{os.urandom(4).hex()}", f"evt_new{os.urandom(4).hex()}"
+    for event_id in (old, recent):
+        event = {"id": event_id, "type": "order.created", "organization_id": org,
+                 "occurred_at": now.isoformat(), "data": {}}  # fmt: skip
+        await store.store_event_and_deliveries(event, now, [webhook.id])
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            tables.events.update()
+            .where(tables.events.c.id == old)
+            .values(received_at=now - timedelta(days=40))
+        )
+    pruned_events, _ = await store.prune(now - timedelta(days=30))
+    assert pruned_events == 1
+    assert await store.get_event(old) is None
+    assert await store.get_event(recent) is not None
+    assert await store.delivery_state(old, webhook.id) is None
+    assert await store.delivery_state(recent, webhook.id) == "pending"

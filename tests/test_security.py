@@ -40,8 +40,9 @@ from tests.conftest import (
 from worker import crypto, database
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings, SettingsError
-from worker.store import Store, hash_token
+from worker.store import Store
 from worker.tables import webhooks
+from worker.tokens import hash_token
 
 pytestmark = pytest.mark.timeout(90)
 

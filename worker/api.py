@@ -19,7 +19,7 @@ from worker import guard
 from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.openapi import openapi_document
 from worker.ratelimit import RateLimiter
-from worker.store import Attempt, Token, Webhook
+from worker.records import Attempt, Token, Webhook
 
 BASE = "/api/v2"
 MAX_BODY_BYTES = 64 * 1024

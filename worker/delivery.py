@@ -25,10 +25,11 @@ from worker.ids import new_id
 from worker.loader import BatchLoader
 from worker.metrics import Metrics, status_class
 from worker.outcome import Decision, Verdict, decide
+from worker.records import Attempt, AttemptRecord, DeliveryState, Webhook, utcnow
 from worker.sender import Sender, Sent
 from worker.settings import Settings
 from worker.slots import EndpointSlots
-from worker.store import Attempt, AttemptRecord, DeliveryState, Store, Webhook, utcnow
+from worker.store import Store
 from worker.writer import BatchWriter
 
 log = structlog.get_logger("sellfern_webhooks.delivery")

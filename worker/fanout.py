@@ -22,7 +22,8 @@ from worker import topology
 from worker.delivery import Publisher, encode_task, riding_out_database_outages, task_headers
 from worker.loader import BatchLoader
 from worker.metrics import Metrics
-from worker.store import NewEvent, Store
+from worker.records import NewEvent
+from worker.store import Store
 from worker.writer import BatchWriter
 
 log = structlog.get_logger("sellfern_webhooks.fanout")

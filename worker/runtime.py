@@ -17,6 +17,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 
 import aio_pika
@@ -31,6 +32,7 @@ from worker.fanout import ChangeNotifier, EndpointMatcher, FanOut
 from worker.health import Health, health_routes
 from worker.metrics import Metrics
 from worker.ratelimit import RateLimiter
+from worker.records import utcnow
 from worker.sender import Sender, create_session
 from worker.settings import Settings
 from worker.store import Store
@@ -43,6 +45,7 @@ log = structlog.get_logger("sellfern_webhooks.runtime")
 
 EVENTS_PREFETCH = 64
 QUEUE_POLL_SECONDS = 15.0
+PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass
@@ -141,6 +144,19 @@ async def _poll_queues(channel: AbstractChannel, topo: topology.Topology, metric
         await asyncio.sleep(QUEUE_POLL_SECONDS)
 
 
+async def _prune_periodically(store: Store, retention: timedelta) -> None:
+    """Apply the retention setting: delete old events and attempts, once an hour."""
+    while True:
+        try:
+            events, attempts = await store.prune(utcnow() - retention)
+        except Exception as exc:
+            log.warning("pruning failed; trying again in an hour", error=str(exc))
+        else:
+            if events or attempts:
+                log.info("pruned old records", events=events, attempts=attempts)
+        await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+
 async def _background(stack: AsyncExitStack, coro: Awaitable[None], name: str) -> None:
     task = asyncio.ensure_future(coro)
     task.set_name(name)
@@ -203,6 +219,8 @@ async def _start_worker(
     poll_channel = await connection.channel()
     stack.push_async_callback(poll_channel.close)
     await _background(stack, _poll_queues(poll_channel, topo, metrics), "queue-poll")
+    retention = timedelta(days=settings.retention_days)
+    await _background(stack, _prune_periodically(store, retention), "prune")
 
 
 async def run(

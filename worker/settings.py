@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     shutdown_drain_seconds: float = Field(default=20, ge=0)
     max_event_bytes: int = Field(default=256 * 1024, ge=1024)
     auto_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
+    # Events and attempts older than this are pruned by the worker, hourly.
+    retention_days: float = Field(default=30, gt=0)
 
     @field_validator("database_url")
     @classmethod

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -16,25 +13,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.crypto import SecretBox
 from worker.ids import new_id
-from worker.tables import api_tokens, attempts, deliveries, events, webhook_subscriptions, webhooks
+from worker.records import (
+    Attempt,
+    AttemptRecord,
+    DeliveryState,
+    NewEvent,
+    Page,
+    T,
+    Webhook,
+    utcnow,
+)
+from worker.tables import attempts, deliveries, events, webhook_subscriptions, webhooks
+from worker.tokens import TokenStore
 
-T = TypeVar("T")
-
-TOKEN_PREFIX = "sfw_"  # noqa: S105 - a prefix, not a secret
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
-# Writing last_used_at on every request would make every read a write; a minute is precise
-# enough for "is this token still in use?".
-LAST_USED_RESOLUTION = timedelta(minutes=1)
 # rotate-keys retries rows that changed under it at most this many times over.
 RESEAL_PASSES = 5
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def new_signing_secret() -> str:
@@ -42,103 +36,6 @@ def new_signing_secret() -> str:
     import base64  # noqa: PLC0415 - only needed here
 
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    id: str
-    org_id: str
-    name: str
-    scopes: tuple[str, ...]
-    created_at: datetime
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Webhook:
-    id: str
-    org_id: str
-    url: str
-    events: tuple[str, ...]
-    enabled: bool
-    description: str
-    # Plaintext in memory only (sealed in the database); kept out of reprs, hence of logs.
-    secret: str = field(repr=False)
-    previous_secret: str | None = field(repr=False)
-    previous_secret_expires_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-    disabled_reason: str | None
-    failing_since: datetime | None
-
-    def signing_secrets(self, now: datetime) -> list[str]:
-        """The secrets that sign a payload now: the current one, and during a rotation the old."""
-        keys = [self.secret]
-        if (
-            self.previous_secret
-            and self.previous_secret_expires_at
-            and self.previous_secret_expires_at > now
-        ):
-            keys.append(self.previous_secret)
-        return keys
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    id: str
-    webhook_id: str
-    org_id: str
-    event_id: str
-    event_type: str
-    attempt: int
-    success: bool
-    status_code: int | None
-    error_kind: str | None
-    error_message: str | None
-    duration_ms: int
-    response_body: str | None
-    created_at: datetime
-
-
-DeliveryState = Literal["pending", "succeeded", "failed"]
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One attempt and what it changes: the delivery's state and the endpoint's failure run."""
-
-    attempt: Attempt
-    delivery_state: DeliveryState
-    next_attempt_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event as received, and the endpoints it is to be delivered to."""
-
-    event: dict[str, Any]
-    occurred_at: datetime
-    webhook_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    data: list[T]
-    has_more: bool
-    next_cursor: str | None
-
-
-def _token(row: sa.Row[Any]) -> Token:
-    return Token(
-        id=row.id,
-        org_id=row.org_id,
-        name=row.name,
-        scopes=tuple(row.scopes),
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-        last_used_at=row.last_used_at,
-    )
 
 
 def _webhook(row: sa.Row[Any], box: SecretBox) -> Webhook:
@@ -170,7 +67,7 @@ def _page(items: list[T], limit: int, cursor_of: Any) -> Page[T]:  # noqa: ANN40
     return Page(items, has_more, cursor_of(items[-1]) if has_more and items else None)
 
 
-class Store:
+class Store(TokenStore):
     """The service's persistence, over one SQLAlchemy async engine.
 
     Endpoints' signing secrets are sealed with ``box`` on write and opened on read. A store
@@ -178,7 +75,7 @@ class Store:
     """
 
     def __init__(self, engine: AsyncEngine, box: SecretBox | None = None) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self._dialect = engine.dialect.name
         self._secret_box = box
 
@@ -198,75 +95,6 @@ class Store:
     async def ping(self) -> None:
         async with self.engine.connect() as connection:
             await connection.execute(sa.text("SELECT 1"))
-
-    # --- tokens ---------------------------------------------------------------------------
-
-    async def create_token(
-        self, org_id: str, scopes: Sequence[str], name: str
-    ) -> tuple[Token, str]:
-        """Create a token; return it and its plaintext, which is stored nowhere."""
-        plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        token = Token(
-            id=new_id("tok"),
-            org_id=org_id,
-            name=name,
-            scopes=tuple(dict.fromkeys(scopes)),
-            created_at=utcnow(),
-            revoked_at=None,
-            last_used_at=None,
-        )
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                api_tokens.insert().values(
-                    id=token.id,
-                    org_id=org_id,
-                    name=name,
-                    scopes=list(token.scopes),
-                    token_hash=hash_token(plaintext),
-                    created_at=token.created_at,
-                )
-            )
-        return token, plaintext
-
-    async def list_tokens(self) -> list[Token]:
-        async with self.engine.connect() as connection:
-            rows = await connection.execute(
-                sa.select(api_tokens).order_by(api_tokens.c.org_id, api_tokens.c.id)
-            )
-            return [_token(row) for row in rows]
-
-    async def revoke_token(self, token_id: str) -> bool:
-        async with self.engine.begin() as connection:
-            result = await connection.execute(
-                api_tokens.update()
-                .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
-            return result.rowcount > 0
-
-    async def authenticate(self, plaintext: str) -> Token | None:
-        """The live token whose hash matches, or None. Revocation counts from the next call."""
-        digest = hash_token(plaintext)
-        async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    sa.select(api_tokens, api_tokens.c.token_hash).where(
-                        api_tokens.c.token_hash == digest
-                    )
-                )
-            ).first()
-        # The index lookup finds the row; the constant-time compare keeps the final check free
-        # of timing differences.
-        if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked_at:
-            return None
-        token = _token(row)
-        now = utcnow()
-        if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
-            async with self.engine.begin() as connection:
-                await connection.execute(
-                    api_tokens.update().where(api_tokens.c.id == token.id).values(last_used_at=now)
-                )
-        return token
 
     # --- webhooks -------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from typing import Generic, Self, TypeVar
 import structlog
 
 from worker.metrics import Metrics
-from worker.store import AttemptRecord, NewEvent, Store
+from worker.records import AttemptRecord, NewEvent
+from worker.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.writer")
 

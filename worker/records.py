@@ -1,0 +1,98 @@
+"""The service's records as the rest of the code sees them: plain, immutable values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: str
+    org_id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    org_id: str
+    url: str
+    events: tuple[str, ...]
+    enabled: bool
+    description: str
+    # Plaintext in memory only (sealed in the database); kept out of reprs, hence of logs.
+    secret: str = field(repr=False)
+    previous_secret: str | None = field(repr=False)
+    previous_secret_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    disabled_reason: str | None
+    failing_since: datetime | None
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets that sign a payload now: the current one, and during a rotation the old."""
+        keys = [self.secret]
+        if (
+            self.previous_secret
+            and self.previous_secret_expires_at
+            and self.previous_secret_expires_at > now
+        ):
+            keys.append(self.previous_secret)
+        return keys
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    id: str
+    webhook_id: str
+    org_id: str
+    event_id: str
+    event_type: str
+    attempt: int
+    success: bool
+    status_code: int | None
+    error_kind: str | None
+    error_message: str | None
+    duration_ms: int
+    response_body: str | None
+    created_at: datetime
+
+
+DeliveryState = Literal["pending", "succeeded", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt and what it changes: the delivery's state and the endpoint's failure run."""
+
+    attempt: Attempt
+    delivery_state: DeliveryState
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event as received, and the endpoints it is to be delivered to."""
+
+    event: dict[str, Any]
+    occurred_at: datetime
+    webhook_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None
