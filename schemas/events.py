@@ -30,6 +30,7 @@ EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
 TEST_EVENT_TYPE: Final = "webhook.test"
 
 SCHEMA_FILE = Path(__file__).parent / "event-envelope.schema.json"
+ORGANIZATION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 def new_event_id() -> str:
@@ -42,14 +43,16 @@ class EventEnvelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, title="EventEnvelope")
 
     id: str = Field(
-        pattern=r"^evt_[A-Za-z0-9_-]{1,96}$",
-        description="Unique id chosen by the publisher; the webhook-id customers deduplicate on.",
+        pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+        description="Unique id chosen by the publisher (by convention evt_…); the webhook-id "
+        "customers deduplicate on.",
         examples=["evt_5f1c2e9a7b3d4c8e9f0a1b2c"],
     )
     type: EventType = Field(description="The event type; also the message's routing key.")
     organization_id: str = Field(
-        pattern=r"^org_[A-Za-z0-9_-]{1,60}$",
-        description="The customer organization the event belongs to.",
+        pattern=ORGANIZATION_ID_PATTERN,
+        description="The customer organization the event belongs to (by convention org_…), "
+        "as given to `token create --org`.",
         examples=["org_acme"],
     )
     occurred_at: AwareDatetime = Field(description="When it happened, RFC 3339 with an offset.")

@@ -69,10 +69,14 @@ async def test_token_create_list_revoke(sqlite_env: dict[str, str]) -> None:
     assert "revoked" in run_cli("token", "list", env=sqlite_env).stdout
 
 
-def test_token_create_rejects_unknown_scope(sqlite_env: dict[str, str]) -> None:
+def test_token_create_rejects_unknown_scope_and_bad_org(sqlite_env: dict[str, str]) -> None:
     result = run_cli("token", "create", "--org", "org_x", "--scope", "admin", env=sqlite_env)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+    result = run_cli("token", "create", "--org", "org x", "--scope", "webhooks:manage",
+                     env=sqlite_env)  # fmt: skip
+    assert result.returncode == 2
+    assert "--org" in result.stderr
 
 
 def test_bad_setting_stops_with_one_line_naming_it() -> None:

@@ -34,8 +34,10 @@ def test_build_event_is_valid_and_round_trips() -> None:
     "change",
     [
         {"type": "order.deleted"},
-        {"organization_id": "acme"},
-        {"id": "123"},
+        {"organization_id": "org acme"},
+        {"organization_id": ""},
+        {"id": "evt/../1"},
+        {"id": "x" * 101},
         {"occurred_at": "2026-11-28T10:00:00"},  # no offset
         {"data": [1, 2]},
         {"extra": True},

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from schemas.events import EVENT_TYPES
+from schemas.events import EVENT_TYPES, ORGANIZATION_ID_PATTERN
 from schemas.publish import PublishError, connect, publish_event
 from worker import __version__, crypto, database, runtime
 from worker.logging import configure_logging
@@ -19,6 +20,14 @@ from worker.store import Store
 
 KNOWN_SCOPES = ("webhooks:manage",)
 SECRET_COMMANDS = ("serve", "api", "worker", "rotate-keys")
+
+
+def _organization_id(value: str) -> str:
+    if not re.fullmatch(ORGANIZATION_ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: 1 to 64 letters, digits or _ . : - (e.g. org_acme)"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         dest="token_command", required=True, metavar="ACTION"
     )
     create = token.add_parser("create", help="create a token; prints it once, on the last line")
-    create.add_argument("--org", required=True, help="organization id, e.g. org_acme")
+    create.add_argument(
+        "--org", required=True, type=_organization_id, help="organization id, e.g. org_acme"
+    )
     create.add_argument("--scope", action="append", required=True, choices=KNOWN_SCOPES)
     create.add_argument("--name", default="", help="a label for the token")
     token.add_parser("list", help="list tokens (never their values)")
