@@ -6,7 +6,6 @@ from aiohttp import web
 
 from worker.delivery import Deliverer
 from worker.fanout import ChangeNotifier
-from worker.health import Health
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.store import Store
@@ -16,4 +15,3 @@ STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 NOTIFIER = web.AppKey("notifier", ChangeNotifier)
-HEALTH = web.AppKey("health", Health)

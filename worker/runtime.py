@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp import web
 
 from worker import api, crypto, database, topology
-from worker.appkeys import DELIVERER, HEALTH, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.delivery import Deliverer, Publisher
 from worker.fanout import ChangeNotifier, EndpointMatcher, FanOut
 from worker.health import Health, health_routes
@@ -122,7 +122,6 @@ def build_api_app(
     app[METRICS] = metrics
     app[DELIVERER] = deliverer
     app[NOTIFIER] = notifier
-    app[HEALTH] = health
     app[api.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     api.add_routes(app)
     app.router.add_routes(health_routes(health, metrics))

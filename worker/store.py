@@ -348,19 +348,9 @@ class Store(TokenStore):
         return found
 
     async def subscribed_webhook_ids(self, org_id: str, event_type: str) -> list[str]:
-        """Enabled endpoints of ``org_id`` subscribed to ``event_type``, found by index."""
-        query = (
-            sa.select(webhook_subscriptions.c.webhook_id)
-            .join(webhooks, webhooks.c.id == webhook_subscriptions.c.webhook_id)
-            .where(
-                webhook_subscriptions.c.org_id == org_id,
-                webhook_subscriptions.c.event_type == event_type,
-                webhooks.c.enabled.is_(True),
-            )
-            .order_by(webhook_subscriptions.c.webhook_id)
-        )
-        async with self.engine.connect() as connection:
-            return list((await connection.execute(query)).scalars())
+        """Enabled endpoints of ``org_id`` subscribed to ``event_type``."""
+        key = (org_id, event_type)
+        return (await self.subscriptions([key]))[key]
 
     # --- events and deliveries -------------------------------------------------------------
 

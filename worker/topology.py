@@ -60,8 +60,12 @@ def _dead_letter_to(queue: str) -> dict[str, Any]:
     }
 
 
-def _delay_queue(ttl_ms: int) -> dict[str, Any]:
-    return _quorum(**_dead_letter_to(DELIVERIES_QUEUE), **{"x-message-ttl": ttl_ms})
+async def _declare_delay_queue(channel: AbstractChannel, name: str, delay: float) -> str:
+    """A queue whose messages all wait ``delay`` seconds, then return to the deliveries."""
+    ttl_ms = max(1, round(delay * 1000))
+    arguments = _quorum(**_dead_letter_to(DELIVERIES_QUEUE), **{"x-message-ttl": ttl_ms})
+    await channel.declare_queue(name, durable=True, arguments=arguments)
+    return name
 
 
 @dataclass(frozen=True)
@@ -103,16 +107,10 @@ async def declare(channel: AbstractChannel, retry_schedule: Sequence[float]) -> 
         DELIVERIES_QUEUE, durable=True, arguments=_quorum(**poison_to_dead)
     )
     for delay in DEFER_TIERS:
-        await channel.declare_queue(
-            deferred_queue_name(delay), durable=True, arguments=_delay_queue(round(delay * 1000))
-        )
+        await _declare_delay_queue(channel, deferred_queue_name(delay), delay)
     retry_queues: dict[float, str] = {}
     for delay in sorted(set(retry_schedule)):
-        name = retry_queue_name(delay)
-        await channel.declare_queue(
-            name, durable=True, arguments=_delay_queue(max(1, round(delay * 1000)))
-        )
-        retry_queues[delay] = name
+        retry_queues[delay] = await _declare_delay_queue(channel, retry_queue_name(delay), delay)
     return Topology(
         events_exchange=events_exchange,
         changes_exchange=changes_exchange,
