@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="DELIVERY_CONCURRENCY for the worker and the bare client (default %(default)s)",
     )
     parser.add_argument(
+        "--set",
+        dest="worker_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a worker setting, without the SELLFERN_WEBHOOKS_ prefix (repeatable), "
+        "e.g. --set ENDPOINT_CONCURRENCY=64",
+    )
+    parser.add_argument(
         "--receiver-procs",
         type=int,
         default=1,
@@ -88,6 +97,16 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         "backlog_seconds": args.backlog_seconds,
     }
     return dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _worker_settings(pairs: list[str]) -> dict[str, str]:
+    settings = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise SystemExit(f"--set {pair!r}: expected NAME=VALUE")
+        settings[name.upper().removeprefix("SELLFERN_WEBHOOKS_")] = value
+    return settings
 
 
 def _selected(spec: str) -> list[str]:
@@ -132,6 +151,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
         bench = Bench(
             sizes=sizes,
             concurrency=args.concurrency,
+            worker_settings=_worker_settings(args.worker_settings),
             amqp_url=amqp_url,
             database_url=database_url,
             secret_key=secret_key,
@@ -155,6 +175,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
     config = {
         **dataclasses.asdict(sizes),
         "concurrency": args.concurrency,
+        "worker_settings": args.worker_settings,
         "receiver_procs": args.receiver_procs,
         "quick": args.quick,
     }

@@ -133,6 +133,7 @@ class Bench:
 
     sizes: Sizes
     concurrency: int
+    worker_settings: dict[str, str]  # from --set, over the harness's own
     amqp_url: str
     database_url: str
     secret_key: str  # the Fernet key sealing signing secrets, for the harness and the worker
@@ -164,6 +165,7 @@ class Bench:
             "RETRY_SCHEDULE": ",".join(f"{d:g}" for d in self.retry_schedule),
             # The isolation run stops with 2-second answers in flight; do not wait for them.
             "SHUTDOWN_DRAIN_SECONDS": "3",
+            **self.worker_settings,
         }
         async with run_worker(settings, self.log_dir / f"worker-{label}.log") as worker:
             self.progress(f"{label}: worker started (pid {worker.pid})")

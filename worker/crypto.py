@@ -37,6 +37,8 @@ DEV_KEY = base64.urlsafe_b64encode(b"sellfern-webhooks-dev-mode-key!!").decode()
 # Values written before encryption at rest existed; they are opened as they are and re-sealed
 # by ``rotate-keys``.
 _LEGACY_PREFIX = "whsec_"
+# How many opened secrets a process remembers: one or two per endpoint it delivers to.
+OPENED_CACHE_SIZE = 50_000
 
 
 class SecretBoxError(Exception):
@@ -44,7 +46,12 @@ class SecretBoxError(Exception):
 
 
 class SecretBox:
-    """Seals and opens short secrets with a list of Fernet keys; the first one seals."""
+    """Seals and opens short secrets with a list of Fernet keys; the first one seals.
+
+    Opened secrets are remembered by their sealed form: every delivery reads its endpoint
+    afresh, and opening a Fernet token costs more than the rest of that read. A rotated secret
+    or key gives a new sealed form, so nothing stale is ever served.
+    """
 
     def __init__(self, keys: Sequence[str | bytes]) -> None:
         if not keys:
@@ -52,6 +59,7 @@ class SecretBox:
         fernets = [Fernet(key) for key in keys]
         self._current = fernets[0]
         self._all = MultiFernet(fernets)
+        self._opened: dict[str, str] = {}
 
     def seal(self, plaintext: str) -> str:
         return self._all.encrypt(plaintext.encode()).decode("ascii")
@@ -59,13 +67,20 @@ class SecretBox:
     def open(self, sealed: str) -> str:
         if sealed.startswith(_LEGACY_PREFIX):
             return sealed
+        opened = self._opened.get(sealed)
+        if opened is not None:
+            return opened
         try:
-            return self._all.decrypt(sealed.encode("ascii")).decode()
+            opened = self._all.decrypt(sealed.encode("ascii")).decode()
         except (InvalidToken, UnicodeError):
             raise SecretBoxError(
                 f"a stored secret opens with none of {KEYS_VARIABLE}: was a key dropped "
                 "before `sellfern-webhooks rotate-keys` ran?"
             ) from None
+        if len(self._opened) >= OPENED_CACHE_SIZE:
+            self._opened.clear()  # crude, but bounded; a full cache is refilled in one pass
+        self._opened[sealed] = opened
+        return opened
 
     def needs_rotation(self, sealed: str) -> bool:
         """True when ``sealed`` is not sealed with the first key (or not sealed at all)."""

@@ -28,9 +28,9 @@ from worker.outcome import Decision, Verdict, decide
 from worker.records import Attempt, AttemptRecord, DeliveryState, Webhook, utcnow
 from worker.sender import Sender, Sent
 from worker.settings import Settings
-from worker.slots import EndpointSlots
+from worker.slots import EndpointSlots, ResponseTimes
 from worker.store import Store
-from worker.writer import BatchWriter
+from worker.writer import BatchWriter, PipelineRecord
 
 log = structlog.get_logger("sellfern_webhooks.delivery")
 
@@ -38,6 +38,9 @@ DISABLED_GONE = "the endpoint answered 410 Gone"
 # How long a task may wait for a slot of a busy endpoint before it is deferred to the broker.
 SLOT_WAIT_SECONDS = 0.25
 DISABLED_FAILING = "every delivery failed for {days:g} days"
+# Fan-out sends an event's first attempts itself only to endpoints answering faster than this
+# on average; an event is acked after them, so a slower endpoint would hold events back.
+DIRECT_SEND_MAX_SECONDS = 0.25
 # Waits between probes of an unreachable database (the last one repeats).
 DATABASE_PROBE_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
@@ -161,7 +164,7 @@ class Deliverer:
         metrics: Metrics,
         settings: Settings,
         publisher: Publisher | None = None,
-        writer: BatchWriter[AttemptRecord] | None = None,
+        writer: BatchWriter[PipelineRecord] | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
@@ -175,6 +178,8 @@ class Deliverer:
             "webhooks", store.get_webhooks, None
         )
         self._slots = EndpointSlots(settings.endpoint_concurrency, SLOT_WAIT_SECONDS)
+        self._response_times = ResponseTimes(DIRECT_SEND_MAX_SECONDS)
+        self._sending = 0
         self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
 
     # --- from the queue ----------------------------------------------------------------------
@@ -228,10 +233,43 @@ class Deliverer:
         if not await self._slots.acquire(task.webhook_id):
             await self._defer(body, headers)
             return
-        # The slot covers reading the endpoint and the request; recording the attempt and
-        # scheduling a retry happen after it is given back, so the cap bounds the load on the
-        # endpoint, not the worker's own bookkeeping.
+        await self._attempt_in_slot(task, body)
+
+    # --- from fan-out ------------------------------------------------------------------------
+
+    def sends_directly(self, webhook_id: str) -> bool:
+        """Whether fan-out should make this endpoint's first attempt itself.
+
+        Yes when the endpoint answers fast and the worker is below its global concurrency:
+        the attempt then costs no broker round trip and no second database read of the
+        event. A slow endpoint's tasks go through ``webhooks.deliveries`` instead, so that no
+        event waits on it.
+        """
+        return self._sending < self._settings.delivery_concurrency and self._response_times.fast(
+            webhook_id, self._slots.busy(webhook_id)
+        )
+
+    async def deliver_directly(self, task: DeliveryTask) -> bool:
+        """Make ``task``'s attempt now, for fan-out, and settle it like a queued one.
+
+        False, having done nothing, when no slot of the endpoint came free in time: the
+        caller then queues the task.
+        """
+        structlog.contextvars.bind_contextvars(webhook_id=task.webhook_id, attempt=task.attempt)
+        if not await self._slots.acquire(task.webhook_id):
+            return False
+        await self._attempt_in_slot(task, None)
+        return True
+
+    async def _attempt_in_slot(self, task: DeliveryTask, body: bytes | None) -> None:
+        """Make the attempt in a slot already taken; give the slot back before settling.
+
+        The slot covers reading the endpoint and the request; recording the attempt and
+        scheduling a retry happen after it is given back, so the cap bounds the load on the
+        endpoint, not the worker's own bookkeeping.
+        """
         self._metrics.in_flight.inc()
+        self._sending += 1
         try:
             webhook = await self._webhooks.get(task.webhook_id)
             if webhook is None or not webhook.enabled:
@@ -240,13 +278,17 @@ class Deliverer:
                 return
             sent = await self._send(webhook, task.event)
         finally:
+            self._sending -= 1
             self._metrics.in_flight.dec()
             self._slots.release(task.webhook_id)
+        self._response_times.observe(task.webhook_id, sent.duration_ms / 1000)
         await self._settle(task, body, webhook, sent)
 
-    async def _settle(self, task: DeliveryTask, body: bytes, webhook: Webhook, sent: Sent) -> None:
+    async def _settle(
+        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent
+    ) -> None:
         """Record the attempt and, on a retryable failure, schedule the next one — both
-        durable before the caller acks the task."""
+        durable before the caller acks the task. ``body`` is the task as queued, if it was."""
         assert self._publisher is not None  # noqa: S101
         now = utcnow()
         decision = decide(sent.response, task.attempt, self._settings.retry_schedule, now)
@@ -262,7 +304,11 @@ class Deliverer:
             self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
         elif decision.verdict is Verdict.FAILED:
             durable.append(
-                self._publisher.dead_letter(body, "exhausted", decision.error_message or "")
+                self._publisher.dead_letter(
+                    task.encode() if body is None else body,
+                    "exhausted",
+                    decision.error_message or "",
+                )
             )
         await asyncio.gather(*durable)
         await self._after(webhook, task.event, attempt, decision, now)

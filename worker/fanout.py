@@ -19,12 +19,19 @@ from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker import topology
-from worker.delivery import Publisher, encode_task, riding_out_database_outages, task_headers
+from worker.delivery import (
+    Deliverer,
+    DeliveryTask,
+    Publisher,
+    encode_task,
+    riding_out_database_outages,
+    task_headers,
+)
 from worker.loader import BatchLoader
 from worker.metrics import Metrics
 from worker.records import NewEvent
 from worker.store import Store
-from worker.writer import BatchWriter
+from worker.writer import BatchWriter, PipelineRecord
 
 log = structlog.get_logger("sellfern_webhooks.fanout")
 
@@ -140,13 +147,22 @@ class ChangeNotifier:
 
 
 class FanOut:
+    """Stores each event and hands it to its endpoints.
+
+    A fast endpoint gets its first attempt from here, at once (see
+    :meth:`Deliverer.sends_directly`); any other gets a task on ``webhooks.deliveries``. Either
+    way the event is acked only once the event is stored and each first attempt is recorded
+    (with its retry confirmed) or its task confirmed by the broker.
+    """
+
     def __init__(
-        self, store: Store, events: BatchWriter[NewEvent], publisher: Publisher,
-        matcher: EndpointMatcher, metrics: Metrics, max_event_bytes: int,
+        self, store: Store, writer: BatchWriter[PipelineRecord], publisher: Publisher,
+        deliverer: Deliverer, matcher: EndpointMatcher, metrics: Metrics, max_event_bytes: int,
     ) -> None:  # fmt: skip
         self._store = store
-        self._events = events
+        self._writer = writer
         self._publisher = publisher
+        self._deliverer = deliverer
         self._matcher = matcher
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
@@ -173,17 +189,29 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
-        await self._events.write(NewEvent(raw, envelope.occurred_at, tuple(webhook_ids)))
+        stored = self._writer.submit(NewEvent(raw, envelope.occurred_at, tuple(webhook_ids)))
         await asyncio.gather(
-            *(
-                self._publisher.to_queue(
-                    topology.DELIVERIES_QUEUE,
-                    encode_task(envelope.id, webhook_id, 1, body),
-                    task_headers(webhook_id),
-                )
-                for webhook_id in webhook_ids
-            )
+            stored,
+            *(self._deliver(envelope, raw, body, webhook_id) for webhook_id in webhook_ids),
         )
         self._metrics.events_consumed.labels(envelope.type).inc()
-        self._metrics.deliveries_published.labels(envelope.type).inc(len(webhook_ids))
         log.debug("event fanned out", endpoints=len(webhook_ids))
+
+    async def _deliver(
+        self, envelope: EventEnvelope, raw: dict[str, Any], body: bytes, webhook_id: str
+    ) -> None:
+        """Send the first attempt now if the endpoint is fast and free; else queue a task."""
+        if self._deliverer.sends_directly(webhook_id):
+            task = DeliveryTask.model_construct(
+                event_id=envelope.id, webhook_id=webhook_id, attempt=1, event=raw
+            )
+            if await self._deliverer.deliver_directly(task):
+                self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
+                return
+        await self._queue(envelope.type, webhook_id, encode_task(envelope.id, webhook_id, 1, body))
+
+    async def _queue(self, event_type: str, webhook_id: str, task_body: bytes) -> None:
+        await self._publisher.to_queue(
+            topology.DELIVERIES_QUEUE, task_body, task_headers(webhook_id)
+        )
+        self._metrics.deliveries_published.labels(event_type, "queued").inc()

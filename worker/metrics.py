@@ -33,8 +33,10 @@ class Metrics:
             ["reason"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.deliveries_published = Counter(
-            "deliveries_published", "Delivery tasks published by fan-out.",
-            ["event_type"], namespace=NAMESPACE, registry=r,
+            "deliveries_published",
+            "Deliveries fanned out, one per subscribed endpoint; route=direct when fan-out made "
+            "the first attempt itself, queued when it published a task.",
+            ["event_type", "route"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.attempts = Counter(
             "delivery_attempts", "Delivery attempts, by outcome and response status class.",

@@ -36,14 +36,13 @@ from worker.records import utcnow
 from worker.sender import Sender, create_session
 from worker.settings import Settings
 from worker.store import Store
-from worker.writer import attempt_writer, event_writer
+from worker.writer import pipeline_writer
 
 Role = Literal["serve", "api", "worker"]
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 log = structlog.get_logger("sellfern_webhooks.runtime")
 
-EVENTS_PREFETCH = 64
 QUEUE_POLL_SECONDS = 15.0
 PRUNE_INTERVAL_SECONDS = 3600.0
 
@@ -177,11 +176,10 @@ async def _start_worker(
 ) -> None:
     settings, metrics = running.settings, running.metrics
     store, sender, publisher = deliverer_parts
-    writer = await stack.enter_async_context(attempt_writer(store, metrics))
-    events = await stack.enter_async_context(event_writer(store, metrics))
+    writer = await stack.enter_async_context(pipeline_writer(store, metrics))
     deliverer = Deliverer(store, sender, metrics, settings, publisher, writer)
     matcher = EndpointMatcher(store)
-    fanout = FanOut(store, events, publisher, matcher, metrics, settings.max_event_bytes)
+    fanout = FanOut(store, writer, publisher, deliverer, matcher, metrics, settings.max_event_bytes)
 
     changes_channel = await connection.channel()
     stack.push_async_callback(changes_channel.close)
@@ -192,7 +190,7 @@ async def _start_worker(
 
     events_channel = await connection.channel()
     stack.push_async_callback(events_channel.close)
-    await events_channel.set_qos(prefetch_count=EVENTS_PREFETCH)
+    await events_channel.set_qos(prefetch_count=settings.delivery_concurrency)
     # declare_queue (passive), not get_queue: only a declared queue is registered with its
     # robust channel, which re-consumes it after a reconnect; a get_queue one stays silent.
     events_queue = await events_channel.declare_queue(topology.EVENTS_QUEUE, passive=True)

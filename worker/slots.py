@@ -20,6 +20,10 @@ class EndpointSlots:
         self._waiting: collections.Counter[str] = collections.Counter()
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
+    def busy(self, webhook_id: str) -> int:
+        """How many attempts to the endpoint are in flight."""
+        return self._busy.get(webhook_id, 0)
+
     def full(self, webhook_id: str) -> bool:
         """True when waiting would not help: every slot taken and the waiting line full."""
         return self._busy[webhook_id] >= self._cap and self._waiting[webhook_id] >= self._cap
@@ -51,3 +55,36 @@ class EndpointSlots:
             self._busy.pop(webhook_id, None)
             self._waiting.pop(webhook_id, None)
             self._semaphores.pop(webhook_id, None)
+
+
+class ResponseTimes:
+    """How fast each endpoint has answered lately: a moving average of its attempts' durations.
+
+    Fan-out makes an event's first attempt itself only to endpoints that answer quickly, since
+    the event waits for it. An endpoint not yet measured is tried by a few probes at a time, so
+    a slow one holds a few events once, and then its tasks go through the queue.
+    """
+
+    # Weight of the newest attempt: a handful of slow answers mark an endpoint slow.
+    WEIGHT = 0.2
+    PROBES = 2
+    MAX_ENDPOINTS = 100_000
+
+    def __init__(self, fast_seconds: float) -> None:
+        self._fast = fast_seconds
+        self._average: dict[str, float] = {}
+
+    def observe(self, webhook_id: str, seconds: float) -> None:
+        average = self._average.get(webhook_id)
+        if average is None:
+            if len(self._average) >= self.MAX_ENDPOINTS:
+                self._average.clear()  # bounded memory; endpoints are simply measured again
+            self._average[webhook_id] = seconds
+        else:
+            self._average[webhook_id] = average + self.WEIGHT * (seconds - average)
+
+    def fast(self, webhook_id: str, in_flight: int) -> bool:
+        average = self._average.get(webhook_id)
+        if average is None:
+            return in_flight < self.PROBES
+        return average < self._fast

@@ -362,8 +362,24 @@ class Store(TokenStore):
 
     async def store_events_and_deliveries(self, batch: Sequence[NewEvent]) -> None:
         """Keep a batch of events and their deliveries in one transaction (idempotent)."""
+        await self.write_batch(batch)
+
+    async def write_batch(self, batch: Sequence[NewEvent | AttemptRecord]) -> None:
+        """Keep what the pipeline produced — events with their deliveries, and attempts — in
+        one transaction: the hot path pays one commit per batch, whatever it holds."""
         if not batch:
             return
+        new_events = [item for item in batch if isinstance(item, NewEvent)]
+        records = [item for item in batch if isinstance(item, AttemptRecord)]
+        async with self.engine.begin() as connection:
+            # Events first: an attempt of the same batch then advances the delivery row the
+            # event opened, and never the other way round.
+            if new_events:
+                await self._insert_events(connection, new_events)
+            if records:
+                await self._insert_attempts(connection, records)
+
+    async def _insert_events(self, connection: AsyncConnection, batch: list[NewEvent]) -> None:
         now = utcnow()
         event_rows = {
             item.event["id"]: {
@@ -389,14 +405,13 @@ class Store(TokenStore):
             for item in batch
             for webhook_id in item.webhook_ids
         }
-        async with self.engine.begin() as connection:
+        await connection.execute(
+            self._insert_ignoring_duplicates(events), list(event_rows.values())
+        )
+        if delivery_rows:
             await connection.execute(
-                self._insert_ignoring_duplicates(events), list(event_rows.values())
+                self._insert_ignoring_duplicates(deliveries), list(delivery_rows.values())
             )
-            if delivery_rows:
-                await connection.execute(
-                    self._insert_ignoring_duplicates(deliveries), list(delivery_rows.values())
-                )
 
     async def get_event(self, event_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as connection:
@@ -419,29 +434,29 @@ class Store(TokenStore):
 
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """Write a batch of attempts and their effects in one transaction."""
-        if not records:
-            return
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                attempts.insert(), [_attempt_values(r.attempt) for r in records]
-            )
-            # One upsert for the whole batch (executemany), not two statements per attempt.
-            await connection.execute(
-                self._delivery_upsert(),
-                [
-                    {
-                        "event_id": r.attempt.event_id,
-                        "webhook_id": r.attempt.webhook_id,
-                        "state": r.delivery_state,
-                        "attempts": r.attempt.attempt,
-                        "next_attempt_at": r.next_attempt_at,
-                        "created_at": r.attempt.created_at,
-                        "updated_at": r.attempt.created_at,
-                    }
-                    for r in records
-                ],
-            )
-            await self._track_failure_runs(connection, records)
+        await self.write_batch(records)
+
+    async def _insert_attempts(
+        self, connection: AsyncConnection, records: list[AttemptRecord]
+    ) -> None:
+        await connection.execute(attempts.insert(), [_attempt_values(r.attempt) for r in records])
+        # One upsert for the whole batch (executemany), not two statements per attempt.
+        await connection.execute(
+            self._delivery_upsert(),
+            [
+                {
+                    "event_id": r.attempt.event_id,
+                    "webhook_id": r.attempt.webhook_id,
+                    "state": r.delivery_state,
+                    "attempts": r.attempt.attempt,
+                    "next_attempt_at": r.next_attempt_at,
+                    "created_at": r.attempt.created_at,
+                    "updated_at": r.attempt.created_at,
+                }
+                for r in records
+            ],
+        )
+        await self._track_failure_runs(connection, records)
 
     def _delivery_upsert(self) -> Any:  # noqa: ANN401 - dialect-specific Insert
         """Insert or advance a delivery. A succeeded delivery stays succeeded: a late duplicate

@@ -55,12 +55,16 @@ class BatchWriter(Generic[T]):
 
     async def write(self, item: T) -> None:
         """Queue ``item`` and wait until it is committed."""
+        await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[None]:
+        """Queue ``item``; the future is done once it is committed. Await it before acking."""
         if self._task is None or self._task.done():
             raise RuntimeError(f"the {self._name} writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._wakeup.set()
-        await future
+        return future
 
     async def _run(self) -> None:
         while True:
@@ -93,9 +97,9 @@ class BatchWriter(Generic[T]):
                 future.set_result(None)
 
 
-def attempt_writer(store: Store, metrics: Metrics) -> BatchWriter[AttemptRecord]:
-    return BatchWriter("attempts", store.record_attempts, metrics)
+PipelineRecord = NewEvent | AttemptRecord
 
 
-def event_writer(store: Store, metrics: Metrics) -> BatchWriter[NewEvent]:
-    return BatchWriter("events", store.store_events_and_deliveries, metrics)
+def pipeline_writer(store: Store, metrics: Metrics) -> BatchWriter[PipelineRecord]:
+    """The worker's one writer: fan-out's events and both stages' attempts share its batches."""
+    return BatchWriter("pipeline", store.write_batch, metrics)
