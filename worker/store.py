@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from worker import bulk
 from worker.crypto import SecretBox
 from worker.ids import new_id
 from worker.records import (
@@ -371,6 +372,11 @@ class Store(TokenStore):
             return
         new_events = [item for item in batch if isinstance(item, NewEvent)]
         records = [item for item in batch if isinstance(item, AttemptRecord)]
+        if self._dialect == "postgresql":
+            async with self.engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                await bulk.write_batch(raw.driver_connection, new_events, records)
+            return
         async with self.engine.begin() as connection:
             # Events first: an attempt of the same batch then advances the delivery row the
             # event opened, and never the other way round.
@@ -480,11 +486,7 @@ class Store(TokenStore):
     async def _track_failure_runs(
         self, connection: AsyncConnection, records: Sequence[AttemptRecord]
     ) -> None:
-        succeeded = {r.attempt.webhook_id for r in records if r.attempt.success}
-        failed: dict[str, datetime] = {}
-        for r in records:
-            if not r.attempt.success and r.attempt.webhook_id not in succeeded:
-                failed.setdefault(r.attempt.webhook_id, r.attempt.created_at)
+        succeeded, failed = bulk.failure_runs(records)
         if succeeded:
             await connection.execute(
                 webhooks.update()
