@@ -54,6 +54,15 @@ class WorkerProcess:
                     values[key] = int(rest.split()[0]) / 1024  # kB
         return values["VmRSS"], values["VmHWM"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far, user and system."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # utime and stime are fields 14 and 15 of the stat line; 12 and 13 after the name.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def check_alive(self) -> None:
         if self.proc.returncode is not None:
             tail = self.log_path.read_text(errors="replace")[-2000:]

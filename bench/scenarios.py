@@ -74,11 +74,14 @@ async def throughput(bench: Bench, done: dict[str, Outcome]) -> Outcome:
     await bench.seed([(org, "/throughput", [EVENT_TYPE])], say)
     envelopes = [order_event(org, n=i) for i in range(bench.sizes.events)]
     await bench.publisher.publish_all(envelopes, say)
-    per_second, count = await bench.drain_rate("throughput", len(envelopes), len(envelopes), None)
+    per_second, count, cpu_ms = await bench.drain_rate(
+        "throughput", len(envelopes), len(envelopes), None
+    )
     received = (await bench.receiver.stats()).count("/throughput")
     ceiling_rate = done["ceiling"].value("deliveries/s") if "ceiling" in done else None
     outcome.add("deliveries/s", per_second, "/s")
     outcome.add("ratio to ceiling", ratio(per_second, ceiling_rate), "x", at_least=0.30)
+    outcome.add("worker CPU per delivery", cpu_ms, "ms")
     outcome.details = {
         "events": len(envelopes),
         "attempts": count.total,
@@ -158,7 +161,7 @@ async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
             slow_events = [order_event(slow[0][0], n=i) for i in range(half)]
             envelopes = [e for pair in zip(fast_events, slow_events, strict=True) for e in pair]
         await bench.publisher.publish_all(envelopes, say)
-        per_second, count = await bench.drain_rate(
+        per_second, count, cpu_ms = await bench.drain_rate(
             label, len(envelopes), half, webhook_ids[:FAST_ENDPOINTS]
         )
         rates[label] = per_second
@@ -166,6 +169,7 @@ async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
             "events": len(envelopes),
             "fast_attempts": count.total,
             "failed_attempts": count.failed,
+            "worker_cpu_ms_per_fast_attempt": cpu_ms,
         }
         if with_slow:
             outcome.details[label]["slow_attempts"] = (
@@ -209,13 +213,16 @@ async def fanout(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
             order_event(f"org_bench_fan{i % orgs}", n=i) for i in range(sizes.fanout_events)
         ]
         await bench.publisher.publish_all(envelopes, say)
-        rates[label], count = await bench.drain_rate(label, len(envelopes), len(envelopes), None)
+        rates[label], count, cpu_ms = await bench.drain_rate(
+            label, len(envelopes), len(envelopes), None
+        )
         outcome.details[label] = {
             "endpoints": len(endpoints),
             "organizations": orgs,
             "events": len(envelopes),
             "attempts": count.total,
             "failed_attempts": count.failed,
+            "worker_cpu_ms_per_attempt": cpu_ms,
         }
     small, large = configs["fanout-small"], configs["fanout-large"]
     outcome.add(f"events/s, {small[0] * small[1]} endpoints", rates["fanout-small"], "/s")

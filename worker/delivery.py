@@ -197,8 +197,6 @@ class Deliverer:
                 # DELIVERY_LIMIT redeliveries RabbitMQ moves the task to webhooks.dead.
                 await asyncio.sleep(1)
                 raise
-            finally:
-                structlog.contextvars.clear_contextvars()
 
     async def _defer(self, body: bytes, headers: dict[str, Any]) -> None:
         """Put a task back for later: it waits in the broker, not in memory, and the slot
@@ -255,7 +253,6 @@ class Deliverer:
         False, having done nothing, when no slot of the endpoint came free in time: the
         caller then queues the task.
         """
-        structlog.contextvars.bind_contextvars(webhook_id=task.webhook_id, attempt=task.attempt)
         if not await self._slots.acquire(task.webhook_id):
             return False
         await self._attempt_in_slot(task, None)
@@ -273,7 +270,9 @@ class Deliverer:
         try:
             webhook = await self._webhooks.get(task.webhook_id)
             if webhook is None or not webhook.enabled:
-                log.info("delivery skipped: endpoint deleted or disabled")
+                log.info(
+                    "delivery skipped: endpoint deleted or disabled", webhook_id=task.webhook_id
+                )
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
                 return
             sent = await self._send(webhook, task.event)
@@ -361,7 +360,7 @@ class Deliverer:
             reason, label = DISABLED_FAILING.format(days=days), "failing"
         if reason and await self._store.disable_webhook(webhook.id, reason):
             self._metrics.endpoints_disabled.labels(label).inc()
-            log.warning("endpoint disabled", reason=reason)
+            log.warning("endpoint disabled", webhook_id=webhook.id, reason=reason)
 
     # --- on demand, for the API --------------------------------------------------------------
 

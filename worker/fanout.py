@@ -146,6 +146,12 @@ class ChangeNotifier:
         await self._exchange.publish(message, routing_key="", timeout=10)
 
 
+def _observe(future: asyncio.Future[None]) -> None:
+    """Mark a future's outcome seen: its failure is already reported by another."""
+    if not future.cancelled():
+        future.exception()
+
+
 class FanOut:
     """Stores each event and hands it to its endpoints.
 
@@ -168,7 +174,11 @@ class FanOut:
         self._max_event_bytes = max_event_bytes
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback: settle the message in exactly one place."""
+        """Consumer callback: settle the message in exactly one place.
+
+        aio-pika runs each callback in a task of its own, so the log context bound while
+        handling one event ends with it.
+        """
         async with message.process(requeue=True, ignore_processed=True):
             try:
                 await riding_out_database_outages(self._store, lambda: self._handle(message.body))
@@ -176,8 +186,6 @@ class FanOut:
                 log.exception("event fan-out failed; it will be redelivered")
                 await asyncio.sleep(1)  # do not hammer a broken dependency
                 raise
-            finally:
-                structlog.contextvars.clear_contextvars()
 
     async def _handle(self, body: bytes) -> None:
         try:
@@ -190,10 +198,19 @@ class FanOut:
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
         stored = self._writer.submit(NewEvent(raw, envelope.occurred_at, tuple(webhook_ids)))
-        await asyncio.gather(
-            stored,
-            *(self._deliver(envelope, raw, body, webhook_id) for webhook_id in webhook_ids),
-        )
+        if len(webhook_ids) == 1:
+            # The common case, without the task per endpoint that gather would start.
+            try:
+                await self._deliver(envelope, raw, body, webhook_ids[0])
+            except BaseException:
+                stored.add_done_callback(_observe)
+                raise
+            await stored
+        else:
+            await asyncio.gather(
+                stored,
+                *(self._deliver(envelope, raw, body, webhook_id) for webhook_id in webhook_ids),
+            )
         self._metrics.events_consumed.labels(envelope.type).inc()
         log.debug("event fanned out", endpoints=len(webhook_ids))
 
