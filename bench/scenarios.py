@@ -31,6 +31,7 @@ from worker.store import new_signing_secret
 
 OTHER_TYPES = tuple(t for t in EVENT_TYPES if t != EVENT_TYPE)
 SLOW_MS = 2000
+SLOW_ORG = "org_bench_slow"
 FAST_ENDPOINTS = 10
 
 
@@ -153,13 +154,14 @@ async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
         say = bench.say(label)
         await bench.reset()
         fast = [(f"org_bench_fast{i}", f"/fast/{i}", [EVENT_TYPE]) for i in range(FAST_ENDPOINTS)]
-        slow = [("org_bench_slow", f"/delay/{SLOW_MS}/slow", [EVENT_TYPE])]
+        slow = [(SLOW_ORG, f"/delay/{SLOW_MS}/slow", [EVENT_TYPE])]
+        # Both runs get the same events; without the slow endpoint, its organization's
+        # events match no endpoint. The ratio then measures what the endpoint's slowness
+        # costs the others, not the cost of consuming twice as many events.
         webhook_ids = await bench.seed(fast + slow if with_slow else fast, say)
         fast_events = [order_event(fast[i % FAST_ENDPOINTS][0], n=i) for i in range(half)]
-        envelopes = fast_events
-        if with_slow:
-            slow_events = [order_event(slow[0][0], n=i) for i in range(half)]
-            envelopes = [e for pair in zip(fast_events, slow_events, strict=True) for e in pair]
+        slow_events = [order_event(SLOW_ORG, n=i) for i in range(half)]
+        envelopes = [e for pair in zip(fast_events, slow_events, strict=True) for e in pair]
         await bench.publisher.publish_all(envelopes, say)
         per_second, count, cpu_ms = await bench.drain_rate(
             label, len(envelopes), half, webhook_ids[:FAST_ENDPOINTS]
@@ -175,13 +177,13 @@ async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
             outcome.details[label]["slow_attempts"] = (
                 await bench.attempts(webhook_ids[FAST_ENDPOINTS:])
             ).total
-    outcome.add("fast deliveries/s alone", rates["isolation"], "/s")
+    outcome.add("fast deliveries/s, slow endpoint absent", rates["isolation"], "/s")
     outcome.add("fast deliveries/s beside slow", rates["isolation+slow"], "/s")
     outcome.add("ratio", ratio(rates["isolation+slow"], rates["isolation"]), "x", at_least=0.9)
     outcome.notes.append(
-        f"{half} events over {FAST_ENDPOINTS} fast endpoints, alone and interleaved with {half} "
-        f"to one endpoint answering after {SLOW_MS} ms; pre-published; clock stops at the last "
-        "fast attempt"
+        f"{half} events over {FAST_ENDPOINTS} fast endpoints interleaved with {half} for one more "
+        f"organization, whose one endpoint answers after {SLOW_MS} ms, against the same events "
+        "with that endpoint absent; pre-published; clock stops at the last fast attempt"
     )
     return outcome
 

@@ -38,8 +38,8 @@ async def test_metrics_after_a_delivery(
     await receiver.wait_for(lambda r: len(r) == 1)
 
     async def counted() -> bool:
-        attempts = service.running.metrics.store_batch_size.labels("attempts")
-        return bool(attempts._sum.get() >= 1)
+        batches = service.running.metrics.store_batch_size.labels("pipeline")
+        return bool(batches._sum.get() >= 2)  # the event and its attempt
 
     await eventually(counted, what="attempt recorded")
     async with service.http.get(f"{service.base}/metrics") as response:
@@ -53,6 +53,12 @@ async def test_metrics_after_a_delivery(
         and s.value >= 1
         for s in attempts
     )
+    # A fast, free endpoint gets its first attempt straight from fan-out.
+    fanned_out = families["sellfern_webhooks_deliveries_published"].samples
+    assert any(s.labels.get("route") == "direct" and s.value == 1 for s in fanned_out)
+    # A fast, free endpoint gets its first attempt straight from fan-out.
+    fanned_out = families["sellfern_webhooks_deliveries_published"].samples
+    assert any(s.labels.get("route") == "direct" and s.value == 1 for s in fanned_out)
     routes = {s.labels.get("route") for s in families["sellfern_webhooks_http_requests"].samples}
     assert "/api/v2/webhooks" in routes
     # Labels come from bounded sets: no endpoint id or URL in any label value.

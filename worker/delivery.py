@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +39,8 @@ DISABLED_GONE = "the endpoint answered 410 Gone"
 # How long a task may wait for a slot of a busy endpoint before it is deferred to the broker.
 SLOT_WAIT_SECONDS = 0.25
 DISABLED_FAILING = "every delivery failed for {days:g} days"
+# Endpoints whose deferral turns are remembered at once; past turns are dropped beyond it.
+MAX_TRACKED_TURNS = 10_000
 # Fan-out sends an event's first attempts itself only to endpoints answering faster than this
 # on average; an event is acked after them, so a slower endpoint would hold events back.
 DIRECT_SEND_MAX_SECONDS = 0.25
@@ -177,7 +180,10 @@ class Deliverer:
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
             "webhooks", store.get_webhooks, None
         )
-        self._slots = EndpointSlots(settings.endpoint_concurrency, SLOT_WAIT_SECONDS)
+        self._cap = settings.endpoint_concurrency
+        self._slots = EndpointSlots(self._cap, SLOT_WAIT_SECONDS)
+        # When the next task deferred for an endpoint is likely to find a slot (monotonic).
+        self._next_turn: dict[str, float] = {}
         self._response_times = ResponseTimes(DIRECT_SEND_MAX_SECONDS)
         self._sending = 0
         self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
@@ -204,13 +210,41 @@ class Deliverer:
         assert self._publisher is not None  # noqa: S101
         count = headers.get(topology.DEFERRALS_HEADER, 0)
         count = count if isinstance(count, int) else 0
-        delay = topology.DEFER_TIERS[min(count, len(topology.DEFER_TIERS) - 1)]
+        hinted = headers.get(topology.WEBHOOK_HEADER)
+        delay = self._defer_delay(hinted if isinstance(hinted, str) else "", count)
         await self._publisher.to_queue(
             topology.deferred_queue_name(delay),
             body,
             {**headers, topology.DEFERRALS_HEADER: count + 1},
         )
         self._metrics.deferred.inc()
+
+    def _defer_delay(self, webhook_id: str, deferrals: int) -> float:
+        """The deferral tier for a task of a busy endpoint.
+
+        The endpoint finishes about one attempt per (average response time / cap) seconds, so
+        the tasks deferred for it are given successive turns that far apart, and each waits
+        in the shortest tier that reaches its turn — and at least one tier longer for every
+        time it was deferred before.
+        """
+        tiers = topology.DEFER_TIERS
+        at_least = tiers[min(deferrals, len(tiers) - 1)]
+        average = self._response_times.average(webhook_id)
+        if average is None:
+            return at_least
+        now = time.monotonic()
+        if len(self._next_turn) > MAX_TRACKED_TURNS:
+            self._next_turn = {k: v for k, v in self._next_turn.items() if v > now}
+        turn = max(now, self._next_turn.get(webhook_id, now)) + average / self._cap
+        self._next_turn[webhook_id] = turn
+        wait = max(turn - now, at_least)
+        return next((tier for tier in tiers if tier >= wait), tiers[-1])
+
+    def _saturated(self, webhook_id: str) -> bool:
+        """Slow, and every slot taken: a new task could only wait."""
+        return self._slots.busy(webhook_id) >= self._cap and not self._response_times.fast(
+            webhook_id, self._cap
+        )
 
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
@@ -246,6 +280,20 @@ class Deliverer:
         return self._sending < self._settings.delivery_concurrency and self._response_times.fast(
             webhook_id, self._slots.busy(webhook_id)
         )
+
+    async def queue_new(self, webhook_id: str, body: bytes) -> str:
+        """Queue a first attempt that fan-out does not make itself; return the route taken.
+
+        A task for a slow endpoint with every slot taken goes straight to a deferral tier:
+        offered now, it could only be deferred, at the cost of another round trip.
+        """
+        assert self._publisher is not None  # noqa: S101
+        headers = task_headers(webhook_id)
+        if self._saturated(webhook_id):
+            await self._defer(body, headers)
+            return "deferred"
+        await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, headers)
+        return "queued"
 
     async def deliver_directly(self, task: DeliveryTask) -> bool:
         """Make ``task``'s attempt now, for fan-out, and settle it like a queued one.

@@ -25,7 +25,6 @@ from worker.delivery import (
     Publisher,
     encode_task,
     riding_out_database_outages,
-    task_headers,
 )
 from worker.loader import BatchLoader
 from worker.metrics import Metrics
@@ -225,10 +224,7 @@ class FanOut:
             if await self._deliverer.deliver_directly(task):
                 self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
                 return
-        await self._queue(envelope.type, webhook_id, encode_task(envelope.id, webhook_id, 1, body))
-
-    async def _queue(self, event_type: str, webhook_id: str, task_body: bytes) -> None:
-        await self._publisher.to_queue(
-            topology.DELIVERIES_QUEUE, task_body, task_headers(webhook_id)
+        route = await self._deliverer.queue_new(
+            webhook_id, encode_task(envelope.id, webhook_id, 1, body)
         )
-        self._metrics.deliveries_published.labels(event_type, "queued").inc()
+        self._metrics.deliveries_published.labels(envelope.type, route).inc()

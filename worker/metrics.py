@@ -35,7 +35,8 @@ class Metrics:
         self.deliveries_published = Counter(
             "deliveries_published",
             "Deliveries fanned out, one per subscribed endpoint; route=direct when fan-out made "
-            "the first attempt itself, queued when it published a task.",
+            "the first attempt itself, queued when it published a task, deferred when it put "
+            "the task straight into a deferral tier.",
             ["event_type", "route"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.attempts = Counter(

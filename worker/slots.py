@@ -83,6 +83,9 @@ class ResponseTimes:
         else:
             self._average[webhook_id] = average + self.WEIGHT * (seconds - average)
 
+    def average(self, webhook_id: str) -> float | None:
+        return self._average.get(webhook_id)
+
     def fast(self, webhook_id: str, in_flight: int) -> bool:
         average = self._average.get(webhook_id)
         if average is None:

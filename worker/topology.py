@@ -30,9 +30,10 @@ DEAD_QUEUE = "webhooks.dead"
 # it: enough to ride out a restart or a database blip, few enough to stop a poison message.
 DELIVERY_LIMIT = 5
 # A task whose endpoint is at its concurrency cap waits in the broker before it is offered
-# again, longer each time it is put back: a slow endpoint's backlog then costs a few cheap
-# republishes per task instead of one a second, so the other endpoints keep the worker.
-DEFER_TIERS: tuple[float, ...] = (1.0, 5.0, 30.0)
+# again: about as long as the endpoint needs for the tasks deferred before it, and longer
+# each time it is put back. A slow endpoint's backlog then costs a republish or two per task
+# instead of one a second, so the other endpoints keep the worker.
+DEFER_TIERS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
 # Header naming the task's endpoint, so the cap is checked before the body is even parsed.
 WEBHOOK_HEADER = "x-webhook-id"
 DEFERRALS_HEADER = "x-deferrals"
