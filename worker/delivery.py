@@ -229,7 +229,7 @@ class Deliverer:
         """
         tiers = topology.DEFER_TIERS
         at_least = tiers[min(deferrals, len(tiers) - 1)]
-        average = self._response_times.average(webhook_id)
+        average = self._response_times.estimate(webhook_id)
         if average is None:
             return at_least
         now = time.monotonic()
@@ -323,12 +323,15 @@ class Deliverer:
                 )
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
                 return
-            sent = await self._send(webhook, task.event)
+            started = self._response_times.started(task.webhook_id)
+            try:
+                sent = await self._send(webhook, task.event)
+            finally:
+                self._response_times.finished(task.webhook_id, started)
         finally:
             self._sending -= 1
             self._metrics.in_flight.dec()
             self._slots.release(task.webhook_id)
-        self._response_times.observe(task.webhook_id, sent.duration_ms / 1000)
         await self._settle(task, body, webhook, sent)
 
     async def _settle(

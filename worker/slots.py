@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 
 class EndpointSlots:
@@ -58,7 +59,9 @@ class EndpointSlots:
 
 
 class ResponseTimes:
-    """How fast each endpoint has answered lately: a moving average of its attempts' durations.
+    """How fast each endpoint answers: a moving average of its attempts' durations, and how
+    long its oldest attempt in flight has waited so far (a slow endpoint shows before its
+    first answer comes).
 
     Fan-out makes an event's first attempt itself only to endpoints that answer quickly, since
     the event waits for it. An endpoint not yet measured is tried by a few probes at a time, so
@@ -73,6 +76,20 @@ class ResponseTimes:
     def __init__(self, fast_seconds: float) -> None:
         self._fast = fast_seconds
         self._average: dict[str, float] = {}
+        self._in_flight: dict[str, list[float]] = {}
+
+    def started(self, webhook_id: str) -> float:
+        """Note an attempt under way; pass what this returns to :meth:`finished`."""
+        start = time.monotonic()
+        self._in_flight.setdefault(webhook_id, []).append(start)
+        return start
+
+    def finished(self, webhook_id: str, start: float) -> None:
+        starts = self._in_flight[webhook_id]
+        starts.remove(start)
+        if not starts:
+            del self._in_flight[webhook_id]
+        self.observe(webhook_id, time.monotonic() - start)
 
     def observe(self, webhook_id: str, seconds: float) -> None:
         average = self._average.get(webhook_id)
@@ -83,10 +100,21 @@ class ResponseTimes:
         else:
             self._average[webhook_id] = average + self.WEIGHT * (seconds - average)
 
-    def average(self, webhook_id: str) -> float | None:
-        return self._average.get(webhook_id)
+    def _waited(self, webhook_id: str) -> float:
+        starts = self._in_flight.get(webhook_id)
+        return time.monotonic() - min(starts) if starts else 0.0
+
+    def estimate(self, webhook_id: str) -> float | None:
+        """Seconds an attempt to the endpoint takes, as far as is known yet."""
+        average = self._average.get(webhook_id)
+        waited = self._waited(webhook_id)
+        if average is None:
+            return waited or None
+        return max(average, waited)
 
     def fast(self, webhook_id: str, in_flight: int) -> bool:
+        if self._waited(webhook_id) >= self._fast:
+            return False
         average = self._average.get(webhook_id)
         if average is None:
             return in_flight < self.PROBES
