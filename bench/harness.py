@@ -161,7 +161,10 @@ class Bench:
             "API_HOST": "127.0.0.1",
             "METRICS_PORT": "0",
             "LOG_LEVEL": "warning",
+            # The bare client of the ceiling sends to its one receiver this many at a time; the
+            # worker may do the same, so the ratio compares like with like.
             "DELIVERY_CONCURRENCY": str(self.concurrency),
+            "ENDPOINT_CONCURRENCY": str(self.concurrency),
             "RETRY_SCHEDULE": ",".join(f"{d:g}" for d in self.retry_schedule),
             # The isolation run stops with 2-second answers in flight; do not wait for them.
             "SHUTDOWN_DRAIN_SECONDS": "3",

@@ -39,6 +39,8 @@ DISABLED_GONE = "the endpoint answered 410 Gone"
 # How long a task may wait for a slot of a busy endpoint before it is deferred to the broker.
 SLOT_WAIT_SECONDS = 0.25
 DISABLED_FAILING = "every delivery failed for {days:g} days"
+# How many of the shortest deferral tiers a fast endpoint's tasks go through (1 s, 5 s, 30 s).
+FAST_ENDPOINT_TIERS = 3
 # Endpoints whose deferral turns are remembered at once; past turns are dropped beyond it.
 MAX_TRACKED_TURNS = 10_000
 # Fan-out sends an event's first attempts itself only to endpoints answering faster than this
@@ -222,20 +224,20 @@ class Deliverer:
     def _defer_delay(self, webhook_id: str, deferrals: int) -> float:
         """The deferral tier for a task of a busy endpoint.
 
-        The endpoint finishes about one attempt per (average response time / cap) seconds, so
-        the tasks deferred for it are given successive turns that far apart, and each waits
-        in the shortest tier that reaches its turn — and at least one tier longer for every
-        time it was deferred before.
+        A fast endpoint is busy because of this worker's own load and frees a slot soon: its
+        tasks wait 1 s, then 5 s, then 30 s. A slow one finishes about one attempt per
+        (response time / cap) seconds, so the tasks deferred for it are given successive
+        turns that far apart, and each waits in the shortest tier that reaches its turn.
         """
         tiers = topology.DEFER_TIERS
-        at_least = tiers[min(deferrals, len(tiers) - 1)]
-        average = self._response_times.estimate(webhook_id)
-        if average is None:
+        at_least = tiers[min(deferrals, FAST_ENDPOINT_TIERS - 1)]
+        estimate = self._response_times.estimate(webhook_id)
+        if estimate is None or estimate < DIRECT_SEND_MAX_SECONDS:
             return at_least
         now = time.monotonic()
         if len(self._next_turn) > MAX_TRACKED_TURNS:
             self._next_turn = {k: v for k, v in self._next_turn.items() if v > now}
-        turn = max(now, self._next_turn.get(webhook_id, now)) + average / self._cap
+        turn = max(now, self._next_turn.get(webhook_id, now)) + estimate / self._cap
         self._next_turn[webhook_id] = turn
         wait = max(turn - now, at_least)
         return next((tier for tier in tiers if tier >= wait), tiers[-1])
