@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -28,6 +29,7 @@ from tests.conftest import (
     run_service,
 )
 from worker import tables, topology
+from worker.records import NewEvent
 from worker.store import Store
 
 pytestmark = pytest.mark.timeout(90)
@@ -386,11 +388,15 @@ async def test_slow_endpoint_does_not_hold_up_others(
         await publish_event(broker, "order.updated", service.org, {})
     try:
         await receiver.wait_for(lambda _: len(receiver.at("/fast")) == 20, timeout=20)
-        # The slow endpoint never holds more than its cap of the eight slots.
+        # The slow endpoint never holds more than its cap of the eight slots; the rest of its
+        # deliveries wait parked in the database (or deferred in the broker), not in slots.
         assert len(receiver.at("/slow")) <= 2
-        assert service.running.metrics.deferred._value.get() > 0
+        metrics = service.running.metrics
+        parked = metrics.deliveries_published.labels("order.created", "parked")._value.get()
+        assert parked + metrics.deferred._value.get() > 0
     finally:
         release.set()
+    # Once the endpoint answers, the parked deliveries are released and delivered.
     await receiver.wait_for(lambda _: len(receiver.at("/slow")) == 10, timeout=30)
 
 
@@ -513,3 +519,56 @@ async def test_retention_prunes_old_events_and_attempts(store: Store, org: str) 
     assert await store.get_event(recent) is not None
     assert await store.delivery_state(old, webhook.id) is None
     assert await store.delivery_state(recent, webhook.id) == "pending"
+
+
+async def test_parked_deliveries_leave_the_database_only_once_published(
+    store: Store, org: str
+) -> None:
+    slow = await store.create_webhook(org, "https://example.com/slow", ["order.created"], "",
+                                      enabled=True)  # fmt: skip
+    fast = await store.create_webhook(org, "https://example.com/fast", ["order.created"], "",
+                                      enabled=True)  # fmt: skip
+    now = datetime.now(UTC)
+    event_ids = [f"evt_park{i}{os.urandom(4).hex()}" for i in range(3)]
+    await store.write_batch(
+        [
+            NewEvent(
+                {
+                    "id": event_id,
+                    "type": "order.created",
+                    "organization_id": org,
+                    "occurred_at": now.isoformat(),
+                    "data": {"n": i},
+                },
+                now,
+                (slow.id, fast.id),
+                frozenset({slow.id}),
+            )
+            for i, event_id in enumerate(event_ids)
+        ]
+    )
+    assert await store.delivery_state(event_ids[0], slow.id) == "parked"
+    assert await store.delivery_state(event_ids[0], fast.id) == "pending"
+    assert slow.id in await store.parked_endpoints()
+    assert fast.id not in await store.parked_endpoints()
+
+    async def broker_down(_found: list[tuple[str, dict[str, Any]]]) -> None:
+        raise ConnectionError("no broker")
+
+    with pytest.raises(ConnectionError):
+        await store.release_parked(slow.id, 2, broker_down)
+    assert await store.delivery_state(event_ids[0], slow.id) == "parked"  # nothing lost
+
+    published: list[tuple[str, dict[str, Any]]] = []
+
+    async def broker_up(found: list[tuple[str, dict[str, Any]]]) -> None:
+        published.extend(found)
+
+    assert await store.release_parked(slow.id, 2, broker_up) == 2
+    assert [event_id for event_id, _ in published] == event_ids[:2]  # oldest first
+    assert published[1][1]["data"] == {"n": 1}  # the whole event, to build the task from
+    assert await store.delivery_state(event_ids[0], slow.id) == "pending"
+    assert await store.delivery_state(event_ids[2], slow.id) == "parked"
+    assert await store.release_parked(slow.id, 2, broker_up) == 1
+    assert await store.release_parked(slow.id, 2, broker_up) == 0
+    assert slow.id not in await store.parked_endpoints()

@@ -30,8 +30,8 @@ ON CONFLICT DO NOTHING
 OPEN_DELIVERIES = """
 INSERT INTO deliveries (event_id, webhook_id, state, attempts, next_attempt_at, created_at,
                         updated_at)
-SELECT e, w, 'pending', 0, $3::timestamptz, $3::timestamptz, $3::timestamptz
-FROM unnest($1::varchar[], $2::varchar[]) AS d(e, w)
+SELECT e, w, s, 0, $4::timestamptz, $4::timestamptz, $4::timestamptz
+FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS d(e, w, s)
 ON CONFLICT DO NOTHING
 """
 
@@ -121,9 +121,13 @@ async def write_batch(
                 for e in new_events
             ]
             await connection.execute(INSERT_EVENTS, *_columns(event_rows, 6))
-            pairs = [(e.event["id"], w) for e in new_events for w in e.webhook_ids]
-            if pairs:
-                await connection.execute(OPEN_DELIVERIES, *_columns(pairs, 2), now)
+            opened = [
+                (e.event["id"], w, "parked" if w in e.parked else "pending")
+                for e in new_events
+                for w in e.webhook_ids
+            ]
+            if opened:
+                await connection.execute(OPEN_DELIVERIES, *_columns(opened, 3), now)
         if records:
             attempt_rows = [
                 (

@@ -242,12 +242,6 @@ class Deliverer:
         wait = max(turn - now, at_least)
         return next((tier for tier in tiers if tier >= wait), tiers[-1])
 
-    def _saturated(self, webhook_id: str) -> bool:
-        """Slow, and every slot taken: a new task could only wait."""
-        return self._slots.busy(webhook_id) >= self._cap and not self._response_times.fast(
-            webhook_id, self._cap
-        )
-
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
         hinted = headers.get(topology.WEBHOOK_HEADER)
@@ -283,19 +277,23 @@ class Deliverer:
             webhook_id, self._slots.busy(webhook_id)
         )
 
-    async def queue_new(self, webhook_id: str, body: bytes) -> str:
-        """Queue a first attempt that fan-out does not make itself; return the route taken.
-
-        A task for a slow endpoint with every slot taken goes straight to a deferral tier:
-        offered now, it could only be deferred, at the cost of another round trip.
-        """
+    async def queue_new(self, webhook_id: str, body: bytes) -> None:
+        """Queue a first attempt that fan-out does not make itself."""
         assert self._publisher is not None  # noqa: S101
-        headers = task_headers(webhook_id)
-        if self._saturated(webhook_id):
-            await self._defer(body, headers)
-            return "deferred"
-        await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, headers)
-        return "queued"
+        await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, task_headers(webhook_id))
+
+    def saturated(self, webhook_id: str) -> bool:
+        """Slow, and every slot taken: a new task could only wait."""
+        return self._slots.busy(webhook_id) >= self._cap and not self._response_times.fast(
+            webhook_id, self._cap
+        )
+
+    def room(self, webhook_id: str, seconds: float) -> int:
+        """About how many new tasks the endpoint can start within ``seconds``."""
+        if self.saturated(webhook_id):
+            return 0
+        estimate = self._response_times.estimate(webhook_id) or 0.0
+        return min(self._cap, max(1, round(self._cap * seconds / max(estimate, seconds))))
 
     async def deliver_directly(self, task: DeliveryTask) -> bool:
         """Make ``task``'s attempt now, for fan-out, and settle it like a queued one.

@@ -28,6 +28,7 @@ from worker.delivery import (
 )
 from worker.loader import BatchLoader
 from worker.metrics import Metrics
+from worker.parking import Parking
 from worker.records import NewEvent
 from worker.store import Store
 from worker.writer import BatchWriter, PipelineRecord
@@ -155,19 +156,22 @@ class FanOut:
     """Stores each event and hands it to its endpoints.
 
     A fast endpoint gets its first attempt from here, at once (see
-    :meth:`Deliverer.sends_directly`); any other gets a task on ``webhooks.deliveries``. Either
-    way the event is acked only once the event is stored and each first attempt is recorded
-    (with its retry confirmed) or its task confirmed by the broker.
+    :meth:`Deliverer.sends_directly`); a slow one at its cap gets its delivery parked in the
+    database (:mod:`worker.parking`); any other gets a task on ``webhooks.deliveries``. The
+    event is acked only once the event and its parked deliveries are stored and each first
+    attempt is recorded (with its retry confirmed) or its task confirmed by the broker.
     """
 
     def __init__(
         self, store: Store, writer: BatchWriter[PipelineRecord], publisher: Publisher,
-        deliverer: Deliverer, matcher: EndpointMatcher, metrics: Metrics, max_event_bytes: int,
+        deliverer: Deliverer, parking: Parking, matcher: EndpointMatcher, metrics: Metrics,
+        max_event_bytes: int,
     ) -> None:  # fmt: skip
         self._store = store
         self._writer = writer
         self._publisher = publisher
         self._deliverer = deliverer
+        self._parking = parking
         self._matcher = matcher
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
@@ -196,7 +200,13 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
-        stored = self._writer.submit(NewEvent(raw, envelope.occurred_at, tuple(webhook_ids)))
+        parked = frozenset(w for w in webhook_ids if self._parking.park(w))
+        stored = self._writer.submit(
+            NewEvent(raw, envelope.occurred_at, tuple(webhook_ids), parked)
+        )
+        if parked:
+            self._metrics.deliveries_published.labels(envelope.type, "parked").inc(len(parked))
+            webhook_ids = [w for w in webhook_ids if w not in parked]
         if len(webhook_ids) == 1:
             # The common case, without the task per endpoint that gather would start.
             try:
@@ -224,7 +234,5 @@ class FanOut:
             if await self._deliverer.deliver_directly(task):
                 self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
                 return
-        route = await self._deliverer.queue_new(
-            webhook_id, encode_task(envelope.id, webhook_id, 1, body)
-        )
-        self._metrics.deliveries_published.labels(envelope.type, route).inc()
+        await self._deliverer.queue_new(webhook_id, encode_task(envelope.id, webhook_id, 1, body))
+        self._metrics.deliveries_published.labels(envelope.type, "queued").inc()

@@ -35,8 +35,8 @@ class Metrics:
         self.deliveries_published = Counter(
             "deliveries_published",
             "Deliveries fanned out, one per subscribed endpoint; route=direct when fan-out made "
-            "the first attempt itself, queued when it published a task, deferred when it put "
-            "the task straight into a deferral tier.",
+            "the first attempt itself, queued when it published a task, parked when it left "
+            "the delivery in the database for a slow endpoint at its cap.",
             ["event_type", "route"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.attempts = Counter(
@@ -53,6 +53,10 @@ class Metrics:
         )  # fmt: skip
         self.in_flight = Gauge(
             "deliveries_in_flight", "Delivery attempts under way now.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.parked_released = Counter(
+            "parked_released", "Parked deliveries released to the deliveries queue.",
             namespace=NAMESPACE, registry=r,
         )  # fmt: skip
         self.deferred = Counter(

@@ -70,7 +70,7 @@ class Attempt:
     created_at: datetime
 
 
-DeliveryState = Literal["pending", "succeeded", "failed"]
+DeliveryState = Literal["pending", "succeeded", "failed", "parked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,8 @@ class NewEvent:
     event: dict[str, Any]
     occurred_at: datetime
     webhook_ids: tuple[str, ...]
+    # Those of ``webhook_ids`` whose deliveries wait in the database (state "parked").
+    parked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

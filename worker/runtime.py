@@ -31,6 +31,7 @@ from worker.delivery import Deliverer, Publisher
 from worker.fanout import ChangeNotifier, EndpointMatcher, FanOut
 from worker.health import Health, health_routes
 from worker.metrics import Metrics
+from worker.parking import Parking
 from worker.ratelimit import RateLimiter
 from worker.records import utcnow
 from worker.sender import Sender, create_session
@@ -179,7 +180,10 @@ async def _start_worker(
     writer = await stack.enter_async_context(pipeline_writer(store, metrics))
     deliverer = Deliverer(store, sender, metrics, settings, publisher, writer)
     matcher = EndpointMatcher(store)
-    fanout = FanOut(store, writer, publisher, deliverer, matcher, metrics, settings.max_event_bytes)
+    parking = Parking(store, deliverer, publisher, metrics)
+    fanout = FanOut(
+        store, writer, publisher, deliverer, parking, matcher, metrics, settings.max_event_bytes
+    )
 
     changes_channel = await connection.channel()
     stack.push_async_callback(changes_channel.close)
@@ -216,6 +220,7 @@ async def _start_worker(
     poll_channel = await connection.channel()
     stack.push_async_callback(poll_channel.close)
     await _background(stack, _poll_queues(poll_channel, topo, metrics), "queue-poll")
+    await _background(stack, parking.run(), "parking")
     retention = timedelta(days=settings.retention_days)
     await _background(stack, _prune_periodically(store, retention), "prune")
 

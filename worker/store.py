@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -402,7 +402,7 @@ class Store(TokenStore):
             (item.event["id"], webhook_id): {
                 "event_id": item.event["id"],
                 "webhook_id": webhook_id,
-                "state": "pending",
+                "state": "parked" if webhook_id in item.parked else "pending",
                 "attempts": 0,
                 "next_attempt_at": now,
                 "created_at": now,
@@ -418,6 +418,51 @@ class Store(TokenStore):
             await connection.execute(
                 self._insert_ignoring_duplicates(deliveries), list(delivery_rows.values())
             )
+
+    async def parked_endpoints(self) -> list[str]:
+        """Endpoints with deliveries parked in the database, by any worker."""
+        query = sa.select(deliveries.c.webhook_id).where(deliveries.c.state == "parked").distinct()
+        async with self.engine.connect() as connection:
+            return list((await connection.execute(query)).scalars())
+
+    async def release_parked(
+        self,
+        webhook_id: str,
+        limit: int,
+        publish: Callable[[list[tuple[str, dict[str, Any]]]], Awaitable[None]],
+    ) -> int:
+        """Hand the oldest ``limit`` parked deliveries of an endpoint to ``publish`` (event id
+        and event), then mark them pending; return how many.
+
+        The rows stay locked and parked until ``publish`` returns, so a crash in between
+        releases them again later (a duplicate, never a loss), and two workers never release
+        the same row (``SKIP LOCKED`` on PostgreSQL; SQLite has one writer at a time anyway).
+        """
+        query = (
+            sa.select(deliveries.c.event_id, events.c.payload)
+            .join(events, events.c.id == deliveries.c.event_id)
+            .where(deliveries.c.state == "parked", deliveries.c.webhook_id == webhook_id)
+            .order_by(deliveries.c.created_at, deliveries.c.event_id)
+            .limit(limit)
+            .with_for_update(of=deliveries, skip_locked=True)
+        )
+        async with self.engine.begin() as connection:
+            found = [
+                (event_id, dict(payload)) for event_id, payload in await connection.execute(query)
+            ]
+            if not found:
+                return 0
+            await publish(found)
+            await connection.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.webhook_id == webhook_id,
+                    deliveries.c.event_id.in_([event_id for event_id, _ in found]),
+                    deliveries.c.state == "parked",
+                )
+                .values(state="pending", updated_at=utcnow())
+            )
+        return len(found)
 
     async def get_event(self, event_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as connection:

@@ -111,12 +111,21 @@ deliveries = sa.Table(
     metadata,
     sa.Column("event_id", sa.String(100), primary_key=True),
     sa.Column("webhook_id", sa.String(40), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),  # pending | succeeded | failed
+    # pending | succeeded | failed, or parked: waiting here, not in the broker, until its
+    # slow endpoint has room (see worker.parking).
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("next_attempt_at", UTCDateTime),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_deliveries_webhook_id", "webhook_id"),
+    sa.Index(
+        "ix_deliveries_parked",
+        "webhook_id",
+        "created_at",
+        postgresql_where=sa.text("state = 'parked'"),
+        sqlite_where=sa.text("state = 'parked'"),
+    ),
 )
 
 attempts = sa.Table(

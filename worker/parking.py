@@ -1,0 +1,95 @@
+"""Parking: a slow endpoint's backlog waits in the database, not in the broker.
+
+When fan-out finds an endpoint slow (see :class:`worker.slots.ResponseTimes`) and every one
+of its slots taken, a task offered now could only be deferred, and deferred again: each round
+costs a publish, a consume and an ack, CPU that the other endpoints' deliveries need. Fan-out
+instead writes the delivery as ``parked``, in the same transaction as the event, and
+publishes nothing. The sweeper here releases parked deliveries to ``webhooks.deliveries``
+about as fast as the endpoint can take them, oldest first.
+
+Nothing is lost: the event is acked only once its parked rows are committed, and a row leaves
+``parked`` only after its task is confirmed by the broker. Each worker sweeps the endpoints it
+parked, and now and then looks for parked rows of any endpoint, so the backlog of a worker
+that died is picked up by another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from typing import Any
+
+import structlog
+
+from worker import topology
+from worker.delivery import Deliverer, Publisher, encode_task, task_headers
+from worker.metrics import Metrics
+from worker.store import Store
+
+log = structlog.get_logger("sellfern_webhooks.parking")
+
+SWEEP_SECONDS = 0.5
+# How often a worker looks for parked deliveries it did not park itself.
+ADOPT_SECONDS = 30.0
+
+
+class Parking:
+    def __init__(
+        self, store: Store, deliverer: Deliverer, publisher: Publisher, metrics: Metrics
+    ) -> None:
+        self._store = store
+        self._deliverer = deliverer
+        self._publisher = publisher
+        self._metrics = metrics
+        self._endpoints: set[str] = set()
+
+    def park(self, webhook_id: str) -> bool:
+        """Whether a new delivery to this endpoint should be parked; if so, sweep it later."""
+        if not self._deliverer.saturated(webhook_id):
+            return False
+        self._endpoints.add(webhook_id)
+        return True
+
+    async def run(self) -> None:
+        """Sweep until cancelled."""
+        adopted_at = -ADOPT_SECONDS
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - adopted_at >= ADOPT_SECONDS:
+                    self._endpoints.update(await self._store.parked_endpoints())
+                    adopted_at = loop.time()
+                await self.sweep()
+            except Exception as exc:
+                log.warning("releasing parked deliveries failed; trying again", error=str(exc))
+            await asyncio.sleep(SWEEP_SECONDS)
+
+    async def sweep(self) -> int:
+        """Release what each parked endpoint can take until the next sweep; return how many."""
+        released = 0
+        for webhook_id in list(self._endpoints):
+            room = self._deliverer.room(webhook_id, SWEEP_SECONDS)
+            if room <= 0:
+                continue
+            count = await self._store.release_parked(
+                webhook_id, room, functools.partial(self._publish, webhook_id)
+            )
+            if count < room:
+                self._endpoints.discard(webhook_id)  # drained (for now)
+            released += count
+        if released:
+            self._metrics.parked_released.inc(released)
+        return released
+
+    async def _publish(self, webhook_id: str, found: list[tuple[str, dict[str, Any]]]) -> None:
+        await asyncio.gather(
+            *(
+                self._publisher.to_queue(
+                    topology.DELIVERIES_QUEUE,
+                    encode_task(event_id, webhook_id, 1, json.dumps(event).encode()),
+                    task_headers(webhook_id),
+                )
+                for event_id, event in found
+            )
+        )
