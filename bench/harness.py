@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +151,9 @@ class Bench:
         return lambda message: self.progress(f"{scenario}: {message}")
 
     @asynccontextmanager
-    async def worker(self, label: str) -> AsyncIterator[WorkerProcess]:
+    async def worker(
+        self, label: str, extra: Mapping[str, str] | None = None
+    ) -> AsyncIterator[WorkerProcess]:
         settings = {
             "DATABASE_URL": self.database_url,
             "SECRET_KEYS": self.secret_key,
@@ -161,13 +163,11 @@ class Bench:
             "API_HOST": "127.0.0.1",
             "METRICS_PORT": "0",
             "LOG_LEVEL": "warning",
-            # The bare client of the ceiling sends to its one receiver this many at a time; the
-            # worker may do the same, so the ratio compares like with like.
             "DELIVERY_CONCURRENCY": str(self.concurrency),
-            "ENDPOINT_CONCURRENCY": str(self.concurrency),
             "RETRY_SCHEDULE": ",".join(f"{d:g}" for d in self.retry_schedule),
             # The isolation run stops with 2-second answers in flight; do not wait for them.
             "SHUTDOWN_DRAIN_SECONDS": "3",
+            **(extra or {}),
             **self.worker_settings,
         }
         async with run_worker(settings, self.log_dir / f"worker-{label}.log") as worker:
@@ -278,6 +278,7 @@ class Bench:
         envelopes_count: int,
         expected: int,
         webhook_ids: Sequence[str] | None,
+        extra: Mapping[str, str] | None = None,
     ) -> tuple[float | None, AttemptCount, float | None]:
         """Start a worker on the queued events and wait until ``expected`` are done.
 
@@ -285,7 +286,7 @@ class Bench:
         per attempt (start-up excluded): a figure steadier than the rate on a shared machine.
         """
         say = self.say(label)
-        async with self.worker(label) as worker:
+        async with self.worker(label, extra) as worker:
             say(f"draining {envelopes_count} queued events")
             cpu_before = worker.cpu_seconds()
             count = await self.drain(worker, expected, time.time(), say, webhook_ids)

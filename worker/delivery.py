@@ -9,6 +9,7 @@ acked only after the attempt is committed and the retry confirmed by the broker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -184,6 +185,8 @@ class Deliverer:
         )
         self._cap = settings.endpoint_concurrency
         self._slots = EndpointSlots(self._cap, SLOT_WAIT_SECONDS)
+        # Tasks queued by fan-out per endpoint and not yet come round: slots spoken for.
+        self._queued: collections.Counter[str] = collections.Counter()
         # When the next task deferred for an endpoint is likely to find a slot (monotonic).
         self._next_turn: dict[str, float] = {}
         self._response_times = ResponseTimes(DIRECT_SEND_MAX_SECONDS)
@@ -245,6 +248,11 @@ class Deliverer:
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
         hinted = headers.get(topology.WEBHOOK_HEADER)
+        if isinstance(hinted, str) and self._queued.get(hinted, 0) > 0:
+            # One of the tasks fan-out queued has come round (or another worker's did).
+            self._queued[hinted] -= 1
+            if not self._queued[hinted]:
+                del self._queued[hinted]
         if isinstance(hinted, str) and self._slots.full(hinted):
             # Decided from the header alone: a slow endpoint's backlog costs no parsing and
             # no database read each time it comes round.
@@ -281,12 +289,13 @@ class Deliverer:
         """Queue a first attempt that fan-out does not make itself."""
         assert self._publisher is not None  # noqa: S101
         await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, task_headers(webhook_id))
+        self._queued[webhook_id] += 1
 
     def saturated(self, webhook_id: str) -> bool:
-        """Slow, and every slot taken: a new task could only wait."""
-        return self._slots.busy(webhook_id) >= self._cap and not self._response_times.fast(
-            webhook_id, self._cap
-        )
+        """Slow, and every slot taken or spoken for by a task queued from here: a new task
+        could only wait."""
+        claimed = self._slots.busy(webhook_id) + self._queued.get(webhook_id, 0)
+        return claimed >= self._cap and not self._response_times.fast(webhook_id, self._cap)
 
     def room(self, webhook_id: str, seconds: float) -> int:
         """About how many new tasks the endpoint can start within ``seconds``."""
