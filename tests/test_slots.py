@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.slots import EndpointSlots
+import pytest
+
+from worker.slots import EndpointSlots, ResponseTimes
 
 
 async def test_cap_then_bounded_wait_then_refusal() -> None:
@@ -36,3 +38,35 @@ async def test_full_when_the_waiting_line_is_full() -> None:
     assert await waiter
     slots.release("wh_a")
     assert slots._semaphores == {}
+
+
+def test_unmeasured_endpoint_gets_a_few_probes() -> None:
+    times = ResponseTimes(fast_seconds=0.25)
+    assert times.fast("wh_new", in_flight=0)
+    assert times.fast("wh_new", in_flight=ResponseTimes.PROBES - 1)
+    assert not times.fast("wh_new", in_flight=ResponseTimes.PROBES)
+    assert times.estimate("wh_new") is None
+
+
+def test_average_marks_slow_and_fast_again() -> None:
+    times = ResponseTimes(fast_seconds=0.25)
+    times.observe("wh_a", 2.0)
+    assert not times.fast("wh_a", in_flight=0)
+    for _ in range(30):  # it recovers as fast answers come in
+        times.observe("wh_a", 0.01)
+    assert times.fast("wh_a", in_flight=10)
+    assert times.estimate("wh_a") == pytest.approx(0.01, abs=0.01)
+
+
+async def test_an_attempt_in_flight_too_long_marks_slow_before_it_ends() -> None:
+    times = ResponseTimes(fast_seconds=0.05)
+    times.observe("wh_a", 0.001)
+    started = times.started("wh_a")
+    assert times.fast("wh_a", in_flight=1)
+    await asyncio.sleep(0.08)
+    assert not times.fast("wh_a", in_flight=1)
+    estimate = times.estimate("wh_a")
+    assert estimate is not None
+    assert estimate >= 0.08
+    times.finished("wh_a", started)
+    assert times.estimate("wh_a") == pytest.approx(0.001 + 0.2 * (0.08 - 0.001), abs=0.02)
