@@ -16,7 +16,7 @@ from bench.harness import Outcome
 def _number(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    if unit == "x":
+    if unit == "x" or abs(value) < 1:
         return f"{value:.2f}"
     if abs(value) >= 100 or float(value).is_integer():
         return f"{value:,.0f}"

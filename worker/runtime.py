@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -46,6 +47,9 @@ log = structlog.get_logger("sellfern_webhooks.runtime")
 
 QUEUE_POLL_SECONDS = 15.0
 PRUNE_INTERVAL_SECONDS = 3600.0
+# Allocations (less deallocations) between collections of the youngest generation; 700 by
+# default.
+GC_YOUNG_THRESHOLD = 20_000
 
 
 @dataclass
@@ -225,6 +229,19 @@ async def _start_worker(
     await _background(stack, _prune_periodically(store, retention), "prune")
 
 
+def _settle_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the hot path.
+
+    Everything built at start-up (modules, SQLAlchemy's and pydantic's structures) lives as
+    long as the process: frozen, it is never scanned again. Deliveries allocate many
+    short-lived objects, almost none in cycles; a larger first generation means fewer
+    collections, each over young objects only.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def run(
     settings: Settings,
     role: Role,
@@ -290,6 +307,7 @@ async def run(
             worker_stack = await stack.enter_async_context(AsyncExitStack())
             await _start_worker(worker_stack, running, connection, (store, sender, publisher), topo)
 
+        _settle_garbage_collector()
         log.info(
             "started",
             role=role,
