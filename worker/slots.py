@@ -33,7 +33,14 @@ class EndpointSlots:
         """Take a slot, waiting at most ``hold_seconds``; False means: defer the task."""
         if self.full(webhook_id):
             return False
-        semaphore = self._semaphores.setdefault(webhook_id, asyncio.Semaphore(self._cap))
+        semaphore = self._semaphores.get(webhook_id)
+        if semaphore is None:
+            semaphore = self._semaphores[webhook_id] = asyncio.Semaphore(self._cap)
+        if not semaphore.locked():
+            # A slot is free: take it without arming a timer (the common case).
+            await semaphore.acquire()
+            self._busy[webhook_id] += 1
+            return True
         self._waiting[webhook_id] += 1
         try:
             async with asyncio.timeout(self._hold):
