@@ -49,19 +49,20 @@ class RejectedEventError(Exception):
 
 
 def _depth(value: Any, limit: int) -> int:  # noqa: ANN401 - any JSON value
-    """Nesting depth of a JSON value, stopping once past ``limit``."""
-    stack = [(value, 1)]
-    deepest = 0
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            break
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+    """How many levels of objects and arrays a JSON value nests, stopping once past ``limit``.
+
+    Walked a level at a time, and only through containers: an event's scalars cost nothing.
+    """
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level and depth <= limit:
+        depth += 1
+        inner: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            inner.extend(child for child in children if isinstance(child, dict | list))
+        level = inner
+    return depth
 
 
 def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, Any]]:
