@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--events",
         type=int,
-        help="events for ceiling and throughput (default 20000; isolation and fan-out use half)",
+        help="events for ceiling and throughput, and for isolation and fan-out (default 20000)",
     )
     parser.add_argument("--latency-rate", type=float, help="events/s (default 300)")
     parser.add_argument("--latency-seconds", type=float, help="seconds (default 30)")
@@ -85,9 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else Sizes()
     if args.events is not None:
-        half = max(2, args.events // 2)
         sizes = dataclasses.replace(
-            sizes, events=args.events, isolation_events=half, fanout_events=half
+            sizes, events=args.events, isolation_events=args.events, fanout_events=args.events
         )
     overrides = {
         "latency_rate": args.latency_rate,
