@@ -1,4 +1,5 @@
-"""The pipeline's batch write on PostgreSQL, through asyncpg directly.
+"""The pipeline's hot statements on PostgreSQL, through asyncpg directly: the batch write,
+and the endpoint read every delivery makes.
 
 Each table gets one statement per batch, its rows passed as one array per column and spread
 by ``unnest``: the server parses and plans it once, asyncpg encodes the arrays in C, and no
@@ -66,6 +67,21 @@ UPDATE webhooks SET failing_since = f.since
 FROM unnest($1::varchar[], $2::timestamptz[]) AS f(id, since)
 WHERE webhooks.id = f.id AND webhooks.failing_since IS NULL
 """
+
+
+READ_WEBHOOKS = """
+SELECT id, org_id, url, events, enabled, description, secret, previous_secret,
+       previous_secret_expires_at, created_at, updated_at, disabled_reason, failing_since
+FROM webhooks WHERE id = ANY($1::varchar[])
+"""
+
+
+async def read_webhooks(
+    connection: Any,  # noqa: ANN401 - an asyncpg.Connection; asyncpg ships no type hints
+    webhook_ids: list[str],
+) -> list[Any]:
+    """The rows of these endpoints (asyncpg records, read by column name)."""
+    return list(await connection.fetch(READ_WEBHOOKS, webhook_ids))
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
