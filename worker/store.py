@@ -39,7 +39,7 @@ def new_signing_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _webhook(row: Mapping[str, Any], box: SecretBox) -> Webhook:
+def _webhook(row: Mapping[Any, Any], box: SecretBox) -> Webhook:
     """The endpoint with its secrets opened; they are sealed in the row."""
     return Webhook(
         id=row["id"],
