@@ -572,3 +572,39 @@ async def test_parked_deliveries_leave_the_database_only_once_published(
     assert await store.release_parked(slow.id, 2, broker_up) == 1
     assert await store.release_parked(slow.id, 2, broker_up) == 0
     assert slow.id not in await store.parked_endpoints()
+
+
+async def test_parked_deliveries_of_a_worker_gone_are_released_by_another(
+    service_factory: ServiceFactory, receiver: Receiver
+) -> None:
+    first = await service_factory()
+    webhook = await _webhook(first, receiver.url("/adopted"), ["order.created"])
+    now = datetime.now(UTC)
+    event_ids = [f"evt_adopt{i}{os.urandom(4).hex()}" for i in range(3)]
+    # As a worker leaves them when it parks deliveries and then dies.
+    await first.store.write_batch(
+        [
+            NewEvent(
+                {
+                    "id": event_id,
+                    "type": "order.created",
+                    "organization_id": first.org,
+                    "occurred_at": now.isoformat(),
+                    "data": {},
+                },
+                now,
+                (webhook["id"],),
+                frozenset({webhook["id"]}),
+            )
+            for event_id in event_ids
+        ]
+    )
+    await service_factory()  # a worker starting looks for parked deliveries at once
+    await receiver.wait_for(lambda _: len(receiver.at("/adopted")) == 3, timeout=20)
+    assert sorted(r.headers["webhook-id"] for r in receiver.at("/adopted")) == sorted(event_ids)
+
+    async def recorded() -> bool:
+        states = {await first.store.delivery_state(e, webhook["id"]) for e in event_ids}
+        return states == {"succeeded"}
+
+    await eventually(recorded, what="the released deliveries recorded")

@@ -9,7 +9,6 @@ acked only after the attempt is committed and the retry confirmed by the broker.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -42,8 +41,12 @@ SLOT_WAIT_SECONDS = 0.25
 DISABLED_FAILING = "every delivery failed for {days:g} days"
 # How many of the shortest deferral tiers a fast endpoint's tasks go through (1 s, 5 s, 30 s).
 FAST_ENDPOINT_TIERS = 3
-# Endpoints whose deferral turns are remembered at once; past turns are dropped beyond it.
-MAX_TRACKED_TURNS = 10_000
+# A count of tasks queued for an endpoint that has not moved for this long is forgotten: they
+# went to another worker.
+QUEUED_MEMORY_SECONDS = 10.0
+# Endpoints whose deferral turns or queued tasks are remembered at once; beyond it, what is
+# past or stale is dropped.
+MAX_TRACKED_ENDPOINTS = 10_000
 # Fan-out sends an event's first attempts itself only to endpoints answering faster than this
 # on average; an event is acked after them, so a slower endpoint would hold events back.
 DIRECT_SEND_MAX_SECONDS = 0.25
@@ -185,8 +188,9 @@ class Deliverer:
         )
         self._cap = settings.endpoint_concurrency
         self._slots = EndpointSlots(self._cap, SLOT_WAIT_SECONDS)
-        # Tasks queued by fan-out per endpoint and not yet come round: slots spoken for.
-        self._queued: collections.Counter[str] = collections.Counter()
+        # Tasks queued by fan-out per endpoint and not yet come round (slots spoken for), and
+        # when that count last changed.
+        self._queued: dict[str, tuple[int, float]] = {}
         # When the next task deferred for an endpoint is likely to find a slot (monotonic).
         self._next_turn: dict[str, float] = {}
         self._response_times = ResponseTimes(DIRECT_SEND_MAX_SECONDS)
@@ -238,7 +242,7 @@ class Deliverer:
         if estimate is None or estimate < DIRECT_SEND_MAX_SECONDS:
             return at_least
         now = time.monotonic()
-        if len(self._next_turn) > MAX_TRACKED_TURNS:
+        if len(self._next_turn) > MAX_TRACKED_ENDPOINTS:
             self._next_turn = {k: v for k, v in self._next_turn.items() if v > now}
         turn = max(now, self._next_turn.get(webhook_id, now)) + estimate / self._cap
         self._next_turn[webhook_id] = turn
@@ -248,10 +252,12 @@ class Deliverer:
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
         hinted = headers.get(topology.WEBHOOK_HEADER)
-        if isinstance(hinted, str) and self._queued.get(hinted, 0) > 0:
+        if isinstance(hinted, str) and hinted in self._queued:
             # One of the tasks fan-out queued has come round (or another worker's did).
-            self._queued[hinted] -= 1
-            if not self._queued[hinted]:
+            count, _ = self._queued[hinted]
+            if count > 1:
+                self._queued[hinted] = (count - 1, time.monotonic())
+            else:
                 del self._queued[hinted]
         if isinstance(hinted, str) and self._slots.full(hinted):
             # Decided from the header alone: a slow endpoint's backlog costs no parsing and
@@ -289,13 +295,28 @@ class Deliverer:
         """Queue a first attempt that fan-out does not make itself."""
         assert self._publisher is not None  # noqa: S101
         await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, task_headers(webhook_id))
-        self._queued[webhook_id] += 1
+        now = time.monotonic()
+        if len(self._queued) > MAX_TRACKED_ENDPOINTS:
+            self._queued = {
+                k: v for k, v in self._queued.items() if now - v[1] <= QUEUED_MEMORY_SECONDS
+            }
+        count, _ = self._queued.get(webhook_id, (0, 0.0))
+        self._queued[webhook_id] = (count + 1, now)
 
     def saturated(self, webhook_id: str) -> bool:
         """Slow, and every slot taken or spoken for by a task queued from here: a new task
         could only wait."""
-        claimed = self._slots.busy(webhook_id) + self._queued.get(webhook_id, 0)
+        claimed = self._slots.busy(webhook_id) + self._queued_recently(webhook_id)
         return claimed >= self._cap and not self._response_times.fast(webhook_id, self._cap)
+
+    def _queued_recently(self, webhook_id: str) -> int:
+        """Tasks fan-out queued for the endpoint that have not come round yet. Another worker
+        may have taken them, so the count is forgotten once it stops moving."""
+        count, changed = self._queued.get(webhook_id, (0, 0.0))
+        if count and time.monotonic() - changed > QUEUED_MEMORY_SECONDS:
+            del self._queued[webhook_id]
+            return 0
+        return count
 
     def room(self, webhook_id: str, seconds: float) -> int:
         """About how many new tasks the endpoint can start within ``seconds``."""
