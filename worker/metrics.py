@@ -55,6 +55,11 @@ class Metrics:
             "deliveries_in_flight", "Delivery attempts under way now.",
             namespace=NAMESPACE, registry=r,
         )  # fmt: skip
+        self.parked = Gauge(
+            "parked_deliveries",
+            "Deliveries parked in the database for slow endpoints, all workers' (every 30 s).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
         self.parked_released = Counter(
             "parked_released", "Parked deliveries released to the deliveries queue.",
             namespace=NAMESPACE, registry=r,

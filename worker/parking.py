@@ -30,7 +30,7 @@ from worker.store import Store
 log = structlog.get_logger("sellfern_webhooks.parking")
 
 SWEEP_SECONDS = 0.5
-# How often a worker looks for parked deliveries it did not park itself.
+# How often a worker looks for parked deliveries it did not park itself (and counts them all).
 ADOPT_SECONDS = 30.0
 
 
@@ -58,7 +58,9 @@ class Parking:
         while True:
             try:
                 if loop.time() - adopted_at >= ADOPT_SECONDS:
-                    self._endpoints.update(await self._store.parked_endpoints())
+                    parked = await self._store.parked_endpoints()
+                    self._endpoints.update(parked)
+                    self._metrics.parked.set(sum(parked.values()))
                     adopted_at = loop.time()
                 await self.sweep()
             except Exception as exc:

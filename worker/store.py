@@ -426,11 +426,15 @@ class Store(TokenStore):
                 self._insert_ignoring_duplicates(deliveries), list(delivery_rows.values())
             )
 
-    async def parked_endpoints(self) -> list[str]:
-        """Endpoints with deliveries parked in the database, by any worker."""
-        query = sa.select(deliveries.c.webhook_id).where(deliveries.c.state == "parked").distinct()
+    async def parked_endpoints(self) -> dict[str, int]:
+        """How many deliveries are parked in the database per endpoint, by any worker."""
+        query = (
+            sa.select(deliveries.c.webhook_id, sa.func.count().label("parked"))
+            .where(deliveries.c.state == "parked")
+            .group_by(deliveries.c.webhook_id)
+        )
         async with self.engine.connect() as connection:
-            return list((await connection.execute(query)).scalars())
+            return {row.webhook_id: row.parked for row in await connection.execute(query)}
 
     async def release_parked(
         self,
