@@ -68,6 +68,7 @@ EXPECTED_ALERTS = {
     "SellfernWebhooksNoConsumers",
     "SellfernWebhooksEndpointAutoDisabled",
     "SellfernWebhooksQueueBacklogGrowing",
+    "SellfernWebhooksParkedBacklogGrowing",
 }
 # Private, cluster and metadata ranges that the internet egress rule must not reach.
 EXCLUDED_FROM_INTERNET = {
