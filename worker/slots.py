@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 
 
@@ -83,17 +84,20 @@ class ResponseTimes:
     def __init__(self, fast_seconds: float) -> None:
         self._fast = fast_seconds
         self._average: dict[str, float] = {}
-        self._in_flight: dict[str, list[float]] = {}
+        # Start times of the attempts in flight, per endpoint, by ticket. Dicts keep insertion
+        # order, so the first entry is always the oldest attempt still in flight.
+        self._in_flight: dict[str, dict[int, float]] = {}
+        self._tickets = itertools.count()
 
-    def started(self, webhook_id: str) -> float:
+    def started(self, webhook_id: str) -> int:
         """Note an attempt under way; pass what this returns to :meth:`finished`."""
-        start = time.monotonic()
-        self._in_flight.setdefault(webhook_id, []).append(start)
-        return start
+        ticket = next(self._tickets)
+        self._in_flight.setdefault(webhook_id, {})[ticket] = time.monotonic()
+        return ticket
 
-    def finished(self, webhook_id: str, start: float) -> None:
+    def finished(self, webhook_id: str, ticket: int) -> None:
         starts = self._in_flight[webhook_id]
-        starts.remove(start)
+        start = starts.pop(ticket)
         if not starts:
             del self._in_flight[webhook_id]
         self.observe(webhook_id, time.monotonic() - start)
@@ -109,7 +113,7 @@ class ResponseTimes:
 
     def _waited(self, webhook_id: str) -> float:
         starts = self._in_flight.get(webhook_id)
-        return time.monotonic() - min(starts) if starts else 0.0
+        return time.monotonic() - next(iter(starts.values())) if starts else 0.0
 
     def estimate(self, webhook_id: str) -> float | None:
         """Seconds an attempt to the endpoint takes, as far as is known yet."""
