@@ -43,6 +43,8 @@ class Sizes:
     # small part of what is measured.
     isolation_events: int = 20_000
     fanout_events: int = 20_000  # 20 per organization in the large run
+    # Isolation and fan-out compare two runs; each side runs this many times, alternating.
+    rounds: int = 2
     fanout_orgs: int = 1_000
     fanout_endpoints_per_org: int = 10
     backlog_events: int = 100_000
@@ -59,6 +61,7 @@ QUICK = Sizes(
     fanout_events=300,
     fanout_orgs=20,
     fanout_endpoints_per_org=10,
+    rounds=1,
     backlog_events=1_000,
     backlog_seconds=6,
     drain_timeout=20,
