@@ -24,6 +24,7 @@ from worker.settings import Settings
 
 RESPONSE_EXCERPT_BYTES = 4096
 USER_AGENT = f"Sellfern-Webhooks/{__version__}"
+TARGET_CACHE_SIZE = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,22 @@ class Sender:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self._session = session
         self._allowed = settings.allowed_private_networks
+        # Parsed, and for IP literals checked, endpoint URLs: both depend on the string alone.
+        self._targets: dict[str, URL] = {}
+
+    def _target(self, url: str) -> URL:
+        target = self._targets.get(url)
+        if target is None:
+            target = URL(url)
+            # aiohttp connects to IP literals without asking the resolver: check them here
+            # (a blocked one raises, and is not remembered).
+            literal = guard.parse_ip_literal(target.host or "")
+            if literal is not None:
+                guard.check_addresses(target.host or "", [str(literal)], self._allowed)
+            if len(self._targets) >= TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
 
     async def send(
         self, url: str, secrets: Sequence[str], event: dict[str, Any], body: bytes | None = None
@@ -114,11 +131,7 @@ class Sender:
         }
         started = time.perf_counter()
         try:
-            target = URL(url)
-            # aiohttp connects to IP literals without asking the resolver: check them here.
-            literal = guard.parse_ip_literal(target.host or "")
-            if literal is not None:
-                guard.check_addresses(target.host or "", [str(literal)], self._allowed)
+            target = self._target(url)
             async with self._session.post(
                 target, data=body, headers=headers, allow_redirects=False
             ) as response:
