@@ -44,6 +44,8 @@ FAST_ENDPOINT_TIERS = 3
 # A count of tasks queued for an endpoint that has not moved for this long is forgotten: they
 # went to another worker.
 QUEUED_MEMORY_SECONDS = 10.0
+# The most parked deliveries released for one endpoint at a time.
+MAX_RELEASE = 1_000
 # Endpoints whose deferral turns or queued tasks are remembered at once; beyond it, what is
 # past or stale is dropped.
 MAX_TRACKED_ENDPOINTS = 10_000
@@ -319,11 +321,14 @@ class Deliverer:
         return count
 
     def room(self, webhook_id: str, seconds: float) -> int:
-        """About how many new tasks the endpoint can start within ``seconds``."""
+        """About how many new tasks the endpoint can finish within ``seconds``: its cap over
+        its response time. An endpoint not measured here yet gets one cap's worth."""
         if self.saturated(webhook_id):
             return 0
-        estimate = self._response_times.estimate(webhook_id) or 0.0
-        return min(self._cap, max(1, round(self._cap * seconds / max(estimate, seconds))))
+        estimate = self._response_times.estimate(webhook_id)
+        if estimate is None:
+            return self._cap
+        return min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
 
     async def deliver_directly(self, task: DeliveryTask) -> bool:
         """Make ``task``'s attempt now, for fan-out, and settle it like a queued one.

@@ -22,8 +22,7 @@ from typing import Any
 
 import structlog
 
-from worker import topology
-from worker.delivery import Deliverer, Publisher, encode_task, task_headers
+from worker.delivery import Deliverer, encode_task
 from worker.metrics import Metrics
 from worker.store import Store
 
@@ -35,17 +34,21 @@ ADOPT_SECONDS = 30.0
 
 
 class Parking:
-    def __init__(
-        self, store: Store, deliverer: Deliverer, publisher: Publisher, metrics: Metrics
-    ) -> None:
+    def __init__(self, store: Store, deliverer: Deliverer, metrics: Metrics) -> None:
         self._store = store
         self._deliverer = deliverer
-        self._publisher = publisher
         self._metrics = metrics
         self._endpoints: set[str] = set()
 
     def park(self, webhook_id: str) -> bool:
-        """Whether a new delivery to this endpoint should be parked; if so, sweep it later."""
+        """Whether a new delivery to this endpoint should be parked; if so, sweep it later.
+
+        Once an endpoint has a parked backlog, its new deliveries join the back of it until it
+        is drained: they neither jump ahead of the older ones nor crowd the slots the sweeper
+        refills.
+        """
+        if webhook_id in self._endpoints:
+            return True
         if not self._deliverer.saturated(webhook_id):
             return False
         self._endpoints.add(webhook_id)
@@ -85,12 +88,12 @@ class Parking:
         return released
 
     async def _publish(self, webhook_id: str, found: list[tuple[str, dict[str, Any]]]) -> None:
+        # Through the deliverer, which counts them as slots spoken for until they come round:
+        # the next sweep does not release more than the endpoint can start.
         await asyncio.gather(
             *(
-                self._publisher.to_queue(
-                    topology.DELIVERIES_QUEUE,
-                    encode_task(event_id, webhook_id, 1, json.dumps(event).encode()),
-                    task_headers(webhook_id),
+                self._deliverer.queue_new(
+                    webhook_id, encode_task(event_id, webhook_id, 1, json.dumps(event).encode())
                 )
                 for event_id, event in found
             )

@@ -184,7 +184,7 @@ async def _start_worker(
     writer = await stack.enter_async_context(pipeline_writer(store, metrics))
     deliverer = Deliverer(store, sender, metrics, settings, publisher, writer)
     matcher = EndpointMatcher(store)
-    parking = Parking(store, deliverer, publisher, metrics)
+    parking = Parking(store, deliverer, metrics)
     fanout = FanOut(
         store, writer, publisher, deliverer, parking, matcher, metrics, settings.max_event_bytes
     )
