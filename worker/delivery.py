@@ -254,8 +254,13 @@ class Deliverer:
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         assert self._publisher is not None, "queue deliveries need a publisher"  # noqa: S101
         hinted = headers.get(topology.WEBHOOK_HEADER)
-        if isinstance(hinted, str) and hinted in self._queued:
-            # One of the tasks fan-out queued has come round (or another worker's did).
+        if (
+            isinstance(hinted, str)
+            and hinted in self._queued
+            and topology.DEFERRALS_HEADER not in headers
+        ):
+            # One of the tasks fan-out queued has come round (or another worker's did; a
+            # deferred one was counted down when it first came round).
             count, _ = self._queued[hinted]
             if count > 1:
                 self._queued[hinted] = (count - 1, time.monotonic())

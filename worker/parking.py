@@ -81,7 +81,9 @@ class Parking:
                 webhook_id, room, functools.partial(self._publish, webhook_id)
             )
             if count < room:
-                self._endpoints.discard(webhook_id)  # drained (for now)
+                # Drained. A delivery parked while this sweep ran is found by the next
+                # adoption, at most ADOPT_SECONDS later.
+                self._endpoints.discard(webhook_id)
             released += count
         if released:
             self._metrics.parked_released.inc(released)

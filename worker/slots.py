@@ -12,6 +12,7 @@ import asyncio
 import collections
 import itertools
 import time
+from collections.abc import Callable
 
 
 class EndpointSlots:
@@ -81,8 +82,9 @@ class ResponseTimes:
     PROBES = 2
     MAX_ENDPOINTS = 100_000
 
-    def __init__(self, fast_seconds: float) -> None:
+    def __init__(self, fast_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._fast = fast_seconds
+        self._clock = clock
         self._average: dict[str, float] = {}
         # Start times of the attempts in flight, per endpoint, by ticket. Dicts keep insertion
         # order, so the first entry is always the oldest attempt still in flight.
@@ -92,7 +94,7 @@ class ResponseTimes:
     def started(self, webhook_id: str) -> int:
         """Note an attempt under way; pass what this returns to :meth:`finished`."""
         ticket = next(self._tickets)
-        self._in_flight.setdefault(webhook_id, {})[ticket] = time.monotonic()
+        self._in_flight.setdefault(webhook_id, {})[ticket] = self._clock()
         return ticket
 
     def finished(self, webhook_id: str, ticket: int) -> None:
@@ -100,7 +102,7 @@ class ResponseTimes:
         start = starts.pop(ticket)
         if not starts:
             del self._in_flight[webhook_id]
-        self.observe(webhook_id, time.monotonic() - start)
+        self.observe(webhook_id, self._clock() - start)
 
     def observe(self, webhook_id: str, seconds: float) -> None:
         average = self._average.get(webhook_id)
@@ -113,7 +115,7 @@ class ResponseTimes:
 
     def _waited(self, webhook_id: str) -> float:
         starts = self._in_flight.get(webhook_id)
-        return time.monotonic() - next(iter(starts.values())) if starts else 0.0
+        return self._clock() - next(iter(starts.values())) if starts else 0.0
 
     def estimate(self, webhook_id: str) -> float | None:
         """Seconds an attempt to the endpoint takes, as far as is known yet."""
