@@ -22,9 +22,10 @@ from bench.load import EventPublisher
 from bench.procs import REPO_ROOT
 from bench.receiver import run_receiver
 from bench.scenarios import SCENARIOS
-from worker import crypto, database, topology
+from worker.pipeline import topology
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import crypto, database
+from worker.store.store import Store
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 

@@ -22,8 +22,8 @@ from bench.infra import Progress, TlsFiles
 from bench.load import EventPublisher, order_event
 from bench.procs import WorkerProcess, run_worker
 from bench.receiver import Receiver
-from worker.store import Store
-from worker.tables import attempts, events
+from worker.store.store import Store
+from worker.store.tables import attempts, events
 
 EVENT_TYPE = "order.created"
 POLL_SECONDS = 0.25

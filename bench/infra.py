@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import trustme
 
-from worker import database
+from worker.store import database
 
 
 class Progress:

@@ -18,8 +18,8 @@ from pamqp.commands import Basic
 
 from schemas.events import EventEnvelope
 from schemas.publish import EVENTS_EXCHANGE, PublishError, build_event
-from worker import signing
-from worker.sender import USER_AGENT, payload_body
+from worker.pipeline import signing
+from worker.pipeline.sender import USER_AGENT, payload_body
 
 Report = Callable[[str], None]
 PUBLISH_WINDOW = 200  # confirmed publishes in flight

@@ -27,7 +27,7 @@ from bench.harness import (
 )
 from bench.load import bare_client, order_event, wire_events
 from schemas.events import EVENT_TYPES
-from worker.store import new_signing_secret
+from worker.store.store import new_signing_secret
 
 OTHER_TYPES = tuple(t for t in EVENT_TYPES if t != EVENT_TYPE)
 SLOW_MS = 2000

@@ -36,9 +36,9 @@ from aiohttp import web
 from schemas.events import new_event_id
 from schemas.publish import PublishError, publish_event
 from tests.conftest import Receiver
-from worker import topology
-from worker.store import Store
-from worker.tables import deliveries
+from worker.pipeline import topology
+from worker.store.store import Store
+from worker.store.tables import deliveries
 
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
 # How often a settle check may query the database; the receiver side is checked every time.

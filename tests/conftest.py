@@ -26,10 +26,11 @@ import pytest
 import trustme
 from aiohttp import web
 
-from worker import database, runtime
-from worker.crypto import SecretBox, generate_key
+from worker import runtime
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import database
+from worker.store.crypto import SecretBox, generate_key
+from worker.store.store import Store
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")

@@ -52,12 +52,13 @@ from tests.chaos_support import (
     worker_env,
 )
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
-from worker import database, topology
-from worker.crypto import SecretBox
-from worker.delivery import DeliveryTask
-from worker.records import Attempt
-from worker.sender import RESPONSE_EXCERPT_BYTES
-from worker.store import Store
+from worker.pipeline import topology
+from worker.pipeline.delivery import DeliveryTask
+from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
+from worker.store import database
+from worker.store.crypto import SecretBox
+from worker.store.records import Attempt
+from worker.store.store import Store
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
 

@@ -13,9 +13,9 @@ import aio_pika
 import pytest
 
 from tests.conftest import fresh_postgres
-from worker import database
-from worker.store import Store
-from worker.tokens import hash_token
+from worker.store import database
+from worker.store.store import Store
+from worker.store.tokens import hash_token
 
 
 def run_cli(

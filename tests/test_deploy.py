@@ -3,7 +3,7 @@
 Nothing here talks to a cluster or a Docker engine. Kubernetes manifests are validated against
 the Kubernetes JSON schemas shipped in the ``kubernetes-validate`` wheel; the Prometheus Operator
 custom resources (no schema there) are checked field by field. Metric names and label names in
-every alert and dashboard expression are checked against what ``worker.metrics.Metrics``
+every alert and dashboard expression are checked against what ``worker.ops.metrics.Metrics``
 really exports, so a renamed metric breaks this suite rather than a page at 3 a.m.
 """
 
@@ -24,9 +24,10 @@ import yaml
 from cryptography.fernet import Fernet
 from prometheus_client.metrics import MetricWrapperBase
 
-from worker import cli, topology
-from worker.metrics import Metrics
-from worker.outcome import Verdict
+from worker import cli
+from worker.ops.metrics import Metrics
+from worker.pipeline import topology
+from worker.pipeline.outcome import Verdict
 from worker.settings import Settings, SettingsError
 
 Manifest = dict[str, Any]
@@ -49,7 +50,7 @@ CUSTOM_RESOURCES = {
 # Labels Prometheus adds from the scrape target, not from the service's registry.
 TARGET_LABELS = frozenset({"namespace", "pod", "job", "instance", "service", "container"})
 # "skipped" is recorded when the endpoint was disabled or deleted before the attempt
-# (worker/delivery.py); the other outcomes are the verdicts of worker/outcome.py.
+# (worker/pipeline/delivery.py); the other outcomes are the verdicts of worker/pipeline/outcome.py.
 OUTCOMES = frozenset({v.value for v in Verdict} | {"skipped"})
 QUEUES = frozenset(
     {

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
 from schemas.events import EVENT_TYPES, EventEnvelope
 from tests.conftest import make_settings
 from worker import runtime
-from worker.api import MAX_BODY_BYTES
-from worker.fanout import MAX_NESTING, RejectedEventError, parse_event
+from worker.api.routes import MAX_BODY_BYTES
+from worker.pipeline.fanout import MAX_NESTING, RejectedEventError, parse_event
 
 pytestmark = pytest.mark.timeout(120)
 

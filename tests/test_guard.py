@@ -15,7 +15,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tests.conftest import ServiceFactory
-from worker import guard
+from worker.pipeline import guard
 
 pytestmark = pytest.mark.timeout(60)
 

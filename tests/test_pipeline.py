@@ -28,9 +28,10 @@ from tests.conftest import (
     make_settings,
     run_service,
 )
-from worker import tables, topology
-from worker.records import NewEvent
-from worker.store import Store
+from worker.pipeline import topology
+from worker.store import tables
+from worker.store.records import NewEvent
+from worker.store.store import Store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -464,7 +465,7 @@ async def test_sigterm_under_load_loses_nothing(
 
 
 async def _count_succeeded(database_url: str, webhook_id: str) -> int:
-    from worker import database  # noqa: PLC0415
+    from worker.store import database  # noqa: PLC0415
 
     engine = database.create_engine(database_url)
     try:

@@ -37,12 +37,12 @@ from tests.conftest import (
     ServiceFactory,
     fresh_postgres,
 )
-from worker import crypto, database
-from worker.ratelimit import RateLimiter
+from worker.api.ratelimit import RateLimiter
 from worker.settings import Settings, SettingsError
-from worker.store import Store
-from worker.tables import webhooks
-from worker.tokens import hash_token
+from worker.store import crypto, database
+from worker.store.store import Store
+from worker.store.tables import webhooks
+from worker.store.tokens import hash_token
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -499,7 +499,7 @@ def test_token_bucket_arithmetic() -> None:
 
 
 def test_token_bucket_table_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("worker.ratelimit.PRUNE_ABOVE", 10)
+    monkeypatch.setattr("worker.api.ratelimit.PRUNE_ABOVE", 10)
     clock = FakeClock()
     limiter = RateLimiter(rate=1, burst=2, clock=clock)
     for i in range(10):

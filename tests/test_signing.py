@@ -8,7 +8,7 @@ import time
 import pytest
 import standardwebhooks
 
-from worker import signing
+from worker.pipeline import signing
 
 # The published test vector of the Standard Webhooks reference libraries.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

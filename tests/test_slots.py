@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.slots import EndpointSlots, ResponseTimes
+from worker.pipeline.slots import EndpointSlots, ResponseTimes
 
 
 async def test_cap_then_bounded_wait_then_refusal() -> None:

@@ -14,10 +14,11 @@ from pydantic import ValidationError
 
 from schemas.events import EVENT_TYPES, ORGANIZATION_ID_PATTERN
 from schemas.publish import PublishError, connect, publish_event
-from worker import __version__, crypto, database, runtime
-from worker.logging import configure_logging
+from worker import __version__, runtime
+from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
-from worker.store import Store
+from worker.store import crypto, database
+from worker.store.store import Store
 
 KNOWN_SCOPES = ("webhooks:manage",)
 SECRET_COMMANDS = ("serve", "api", "worker", "rotate-keys")

@@ -26,19 +26,21 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
-from worker import api, crypto, database, topology
-from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
-from worker.delivery import Deliverer, Publisher
-from worker.fanout import ChangeNotifier, EndpointMatcher, FanOut
-from worker.health import Health, health_routes
-from worker.metrics import Metrics
-from worker.parking import Parking
-from worker.ratelimit import RateLimiter
-from worker.records import utcnow
-from worker.sender import Sender, create_session
+from worker.api import routes as api
+from worker.api.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.ratelimit import RateLimiter
+from worker.ops.health import Health, health_routes
+from worker.ops.metrics import Metrics
+from worker.pipeline import topology
+from worker.pipeline.delivery import Deliverer, Publisher
+from worker.pipeline.fanout import ChangeNotifier, EndpointMatcher, FanOut
+from worker.pipeline.parking import Parking
+from worker.pipeline.sender import Sender, create_session
+from worker.pipeline.writer import pipeline_writer
 from worker.settings import Settings
-from worker.store import Store
-from worker.writer import pipeline_writer
+from worker.store import crypto, database
+from worker.store.records import utcnow
+from worker.store.store import Store
 
 Role = Literal["serve", "api", "worker"]
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker import bulk
-from worker.crypto import SecretBox
-from worker.ids import new_id
-from worker.records import (
+from worker.store import bulk
+from worker.store.crypto import SecretBox
+from worker.store.ids import new_id
+from worker.store.records import (
     Attempt,
     AttemptRecord,
     DeliveryState,
@@ -24,8 +24,8 @@ from worker.records import (
     Webhook,
     utcnow,
 )
-from worker.tables import attempts, deliveries, events, webhook_subscriptions, webhooks
-from worker.tokens import TokenStore
+from worker.store.tables import attempts, deliveries, events, webhook_subscriptions, webhooks
+from worker.store.tokens import TokenStore
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 # rotate-keys retries rows that changed under it at most this many times over.

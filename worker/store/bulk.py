@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from worker.records import AttemptRecord, NewEvent, utcnow
+from worker.store.records import AttemptRecord, NewEvent, utcnow
 
 INSERT_EVENTS = """
 INSERT INTO events (id, org_id, type, occurred_at, payload, received_at)

@@ -22,9 +22,9 @@ from typing import Any
 
 import structlog
 
-from worker.delivery import Deliverer, encode_task
-from worker.metrics import Metrics
-from worker.store import Store
+from worker.ops.metrics import Metrics
+from worker.pipeline.delivery import Deliverer, encode_task
+from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.parking")
 

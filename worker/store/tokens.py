@@ -12,9 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.ids import new_id
-from worker.records import Token, utcnow
-from worker.tables import api_tokens
+from worker.store.ids import new_id
+from worker.store.records import Token, utcnow
+from worker.store.tables import api_tokens
 
 TOKEN_PREFIX = "sfw_"  # noqa: S105 - a prefix, not a secret
 # Writing last_used_at on every request would make every read a write; a minute is precise

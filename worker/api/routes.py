@@ -15,11 +15,11 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from schemas import api as models
-from worker import guard
-from worker.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
-from worker.openapi import openapi_document
-from worker.ratelimit import RateLimiter
-from worker.records import Attempt, Token, Webhook
+from worker.api.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.openapi import openapi_document
+from worker.api.ratelimit import RateLimiter
+from worker.pipeline import guard
+from worker.store.records import Attempt, Token, Webhook
 
 BASE = "/api/v2"
 MAX_BODY_BYTES = 64 * 1024

@@ -17,8 +17,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker.metrics import Metrics
-from worker.store import Store
+from worker.ops.metrics import Metrics
+from worker.store.store import Store
 
 HEARTBEAT_SECONDS = 1.0
 STALL_SECONDS = 10.0

@@ -18,20 +18,20 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
-from worker import topology
-from worker.delivery import (
+from worker.ops.metrics import Metrics
+from worker.pipeline import topology
+from worker.pipeline.delivery import (
     Deliverer,
     DeliveryTask,
     Publisher,
     encode_task,
     riding_out_database_outages,
 )
-from worker.loader import BatchLoader
-from worker.metrics import Metrics
-from worker.parking import Parking
-from worker.records import NewEvent
-from worker.store import Store
-from worker.writer import BatchWriter, PipelineRecord
+from worker.pipeline.loader import BatchLoader
+from worker.pipeline.parking import Parking
+from worker.pipeline.writer import BatchWriter, PipelineRecord
+from worker.store.records import NewEvent
+from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.fanout")
 

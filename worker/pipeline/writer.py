@@ -15,9 +15,9 @@ from typing import Generic, Self, TypeVar
 
 import structlog
 
-from worker.metrics import Metrics
-from worker.records import AttemptRecord, NewEvent
-from worker.store import Store
+from worker.ops.metrics import Metrics
+from worker.store.records import AttemptRecord, NewEvent
+from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.writer")
 

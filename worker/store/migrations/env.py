@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from worker.tables import metadata
+from worker.store.tables import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

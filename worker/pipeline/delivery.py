@@ -21,17 +21,17 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import TEST_EVENT_TYPE, new_event_id
-from worker import topology
-from worker.ids import new_id
-from worker.loader import BatchLoader
-from worker.metrics import Metrics, status_class
-from worker.outcome import Decision, Verdict, decide
-from worker.records import Attempt, AttemptRecord, DeliveryState, Webhook, utcnow
-from worker.sender import Sender, Sent
+from worker.ops.metrics import Metrics, status_class
+from worker.pipeline import topology
+from worker.pipeline.loader import BatchLoader
+from worker.pipeline.outcome import Decision, Verdict, decide
+from worker.pipeline.sender import Sender, Sent
+from worker.pipeline.slots import EndpointSlots, ResponseTimes
+from worker.pipeline.writer import BatchWriter, PipelineRecord
 from worker.settings import Settings
-from worker.slots import EndpointSlots, ResponseTimes
-from worker.store import Store
-from worker.writer import BatchWriter, PipelineRecord
+from worker.store.ids import new_id
+from worker.store.records import Attempt, AttemptRecord, DeliveryState, Webhook, utcnow
+from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.delivery")
 

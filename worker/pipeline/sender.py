@@ -18,8 +18,9 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from worker import __version__, guard, signing
-from worker.outcome import Response
+from worker import __version__
+from worker.pipeline import guard, signing
+from worker.pipeline.outcome import Response
 from worker.settings import Settings
 
 RESPONSE_EXCERPT_BYTES = 4096

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from worker.delivery import Deliverer
-from worker.fanout import ChangeNotifier
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
+from worker.pipeline.delivery import Deliverer
+from worker.pipeline.fanout import ChangeNotifier
 from worker.settings import Settings
-from worker.store import Store
+from worker.store.store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
