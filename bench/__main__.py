@@ -21,11 +21,11 @@ from bench.infra import Progress, postgres_database, tls_files, vhost
 from bench.load import EventPublisher
 from bench.procs import REPO_ROOT
 from bench.receiver import run_receiver
-from bench.scenarios import SCENARIOS
+from bench.scenarios import NGINX_SCENARIOS, SCENARIOS
+from bench.sink import run_sink
 from worker.pipeline import topology
 from worker.settings import Settings
-from worker.store import crypto, database
-from worker.store.store import Store
+from worker.store import Store, crypto, database
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark the webhook worker against its own RabbitMQ vhost, PostgreSQL "
-        "database and HTTPS receiver, all created for the run and removed afterwards.",
+        "database, HTTPS receiver and nginx sink, all created for the run and removed afterwards.",
     )
     parser.add_argument(
         "--scenarios",
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="stop measuring the backlog after this long (default 180)",
     )
+    parser.add_argument(
+        "--burst-events", type=int, help="events published at once in burst (default 10000)"
+    )
+    parser.add_argument("--live-isolation-rate", type=float, help="events/s (default 200)")
+    parser.add_argument("--live-isolation-seconds", type=float, help="seconds (default 20)")
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -95,6 +100,9 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         "fanout_orgs": args.fanout_orgs,
         "backlog_events": args.backlog_events,
         "backlog_seconds": args.backlog_seconds,
+        "burst_events": args.burst_events,
+        "live_isolation_rate": args.live_isolation_rate,
+        "live_isolation_seconds": args.live_isolation_seconds,
     }
     return dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -139,6 +147,9 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
             run_receiver(tls.cert, tls.key, args.receiver_procs, log_dir)
         )
         progress(f"receiver listening at {receiver.base_url} ({args.receiver_procs} process(es))")
+        sink = None
+        if NGINX_SCENARIOS.intersection(names):
+            sink = await stack.enter_async_context(run_sink(tls.cert, tls.key, log_dir, progress))
         engine = database.create_engine(database_url)
         stack.push_async_callback(engine.dispose)
         connection = await aio_pika.connect_robust(
@@ -159,6 +170,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
             queue_names=topo.queue_names,
             tls=tls,
             receiver=receiver,
+            sink=sink,
             store=Store(engine, crypto.SecretBox([secret_key])),
             channel=channel,
             publisher=await EventPublisher.open(connection),

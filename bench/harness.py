@@ -1,7 +1,7 @@
 """The state every scenario runs on, and what a scenario reports.
 
-``Bench`` holds this run's services (vhost, database, receiver, publisher) and the helpers
-the scenarios share: empty everything, seed endpoints, start a worker, count attempts.
+``Bench`` holds this run's services (vhost, database, receiver, nginx sink, publisher) and the
+helpers the scenarios share: empty everything, seed endpoints, start a worker, count attempts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from bench.infra import Progress, TlsFiles
 from bench.load import EventPublisher, order_event
 from bench.procs import WorkerProcess, run_worker
 from bench.receiver import Receiver
-from worker.store.store import Store
+from bench.sink import Sink
+from worker.store import Store
 from worker.store.tables import attempts, events
 
 EVENT_TYPE = "order.created"
@@ -31,6 +32,8 @@ REPORT_EVERY = 2.0
 SEED_CONCURRENCY = 10
 WARM_UP_SECONDS = 60
 LATENCY_WAIT_SECONDS = 30
+# Which peer answered the deliveries behind a figure (the table's "sink" column).
+PYTHON_SINK = "python"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Sizes:
     fanout_endpoints_per_org: int = 10
     backlog_events: int = 100_000
     backlog_seconds: float = 180  # stop measuring after this long, drained or not
+    burst_events: int = 10_000  # published at once to one endpoint of a running serve
+    live_isolation_rate: float = 200
+    live_isolation_seconds: float = 20
     drain_timeout: float = 600  # give up waiting for a drain after this long
 
 
@@ -64,6 +70,9 @@ QUICK = Sizes(
     rounds=1,
     backlog_events=1_000,
     backlog_seconds=6,
+    burst_events=300,
+    live_isolation_rate=100,
+    live_isolation_seconds=3,
     drain_timeout=20,
 )
 
@@ -76,6 +85,7 @@ class Figure:
     unit: str
     target: str = ""
     passed: bool | None = None
+    sink: str = ""  # the peer that answered: nginx, or the Python receiver
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Outcome:
     """One scenario's figures, the raw numbers behind them, and how it was measured."""
 
     scenario: str
+    sink: str = PYTHON_SINK  # of every figure unless ``add`` says otherwise
     figures: list[Figure] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -95,13 +106,16 @@ class Outcome:
         *,
         at_least: float | None = None,
         at_most: float | None = None,
+        sink: str | None = None,
     ) -> None:
         target, passed = "", None
         if at_least is not None:
             target, passed = f">= {at_least:g}", value is not None and value >= at_least
         elif at_most is not None:
             target, passed = f"<= {at_most:g}", value is not None and value <= at_most
-        self.figures.append(Figure(self.scenario, name, value, unit, target, passed))
+        self.figures.append(
+            Figure(self.scenario, name, value, unit, target, passed, sink or self.sink)
+        )
 
     def value(self, name: str) -> float | None:
         return next((f.value for f in self.figures if f.name == name), None)
@@ -147,6 +161,7 @@ class Bench:
     queue_names: list[str]
     tls: TlsFiles
     receiver: Receiver
+    sink: Sink | None  # started only when a scenario that uses it is selected
     store: Store
     channel: AbstractChannel
     publisher: EventPublisher
@@ -156,12 +171,15 @@ class Bench:
     def say(self, scenario: str) -> Callable[[str], None]:
         return lambda message: self.progress(f"{scenario}: {message}")
 
-    @asynccontextmanager
-    async def worker(
-        self, label: str, extra: Mapping[str, str] | None = None
-    ) -> AsyncIterator[WorkerProcess]:
-        settings = {
-            "DATABASE_URL": self.database_url,
+    def nginx(self) -> Sink:
+        if self.sink is None:
+            raise RuntimeError("the nginx sink was not started for this run")
+        return self.sink
+
+    def service_settings(self, database_url: str | None = None) -> dict[str, str]:
+        """What any process of the service needs to run here; no tuning knob."""
+        return {
+            "DATABASE_URL": database_url or self.database_url,
             "SECRET_KEYS": self.secret_key,
             "AMQP_URL": self.amqp_url,
             "CA_BUNDLE": str(self.tls.ca),
@@ -169,6 +187,14 @@ class Bench:
             "API_HOST": "127.0.0.1",
             "METRICS_PORT": "0",
             "LOG_LEVEL": "warning",
+        }
+
+    @asynccontextmanager
+    async def worker(
+        self, label: str, extra: Mapping[str, str] | None = None
+    ) -> AsyncIterator[WorkerProcess]:
+        settings = {
+            **self.service_settings(),
             "DELIVERY_CONCURRENCY": str(self.concurrency),
             "RETRY_SCHEDULE": ",".join(f"{d:g}" for d in self.retry_schedule),
             # The isolation run stops with 2-second answers in flight; do not wait for them.
@@ -214,9 +240,14 @@ class Bench:
         await self.receiver.reset()
 
     async def seed(
-        self, endpoints: Sequence[tuple[str, str, Sequence[str]]], say: Callable[[str], None]
+        self,
+        endpoints: Sequence[tuple[str, str, Sequence[str]]],
+        say: Callable[[str], None],
+        base_url: str | None = None,
     ) -> list[str]:
-        """Create (org, path, event types) endpoints; return their ids in the same order."""
+        """Create (org, path, event types) endpoints at ``base_url`` (the Python receiver's
+        unless given); return their ids in the same order."""
+        base = base_url or self.receiver.base_url
         ids: list[str] = [""] * len(endpoints)
         gate = asyncio.Semaphore(SEED_CONCURRENCY)
         done = 0
@@ -224,8 +255,8 @@ class Bench:
         async def create(index: int, org: str, path: str, types: Sequence[str]) -> None:
             nonlocal done
             async with gate:
-                webhook = await self.store.create_webhook(
-                    org, self.receiver.url(path), types, "bench", enabled=True
+                webhook = await self.store.endpoints.create(
+                    org, f"{base}{path}", types, "bench", enabled=True
                 )
             ids[index] = webhook.id
             done += 1

@@ -1,4 +1,4 @@
-"""Child processes of the harness: the worker under test, and how any child is stopped."""
+"""Child processes of the harness: the service under test, and how any child is stopped."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -13,6 +14,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "SELLFERN_WEBHOOKS_"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child that cannot take 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def stop_process(proc: asyncio.subprocess.Process, grace: float) -> None:
@@ -34,7 +42,7 @@ class WorkerExitedError(RuntimeError):
 
 
 class WorkerProcess:
-    """One ``python -m worker.cli worker`` process."""
+    """One ``python -m worker.cli worker`` (or ``serve``) process."""
 
     def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
         self.proc = proc
@@ -71,17 +79,26 @@ class WorkerProcess:
             )
 
 
-@asynccontextmanager
-async def run_worker(settings: Mapping[str, str], log_path: Path) -> AsyncIterator[WorkerProcess]:
-    """Run the worker with ``SELLFERN_WEBHOOKS_<key>=<value>`` settings; stop it on exit."""
+def service_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """This environment without any ``SELLFERN_WEBHOOKS_`` variable, plus ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update({ENV_PREFIX + key: value for key, value in settings.items()})
+    return env
+
+
+@asynccontextmanager
+async def run_worker(
+    settings: Mapping[str, str], log_path: Path, command: str = "worker"
+) -> AsyncIterator[WorkerProcess]:
+    """Run ``python -m worker.cli <command>`` (``worker``, or ``serve``: API and worker in one
+    process) with ``SELLFERN_WEBHOOKS_<key>=<value>`` settings; stop it on exit."""
+    env = service_env(settings)
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "worker.cli",
-            "worker",
+            command,
             cwd=REPO_ROOT,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,

@@ -16,24 +16,29 @@ from bench.harness import Outcome
 def _number(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
+    if unit != "x" and float(value).is_integer():
+        return f"{value:,.0f}"
     if unit == "x" or abs(value) < 1:
         return f"{value:.2f}"
-    if abs(value) >= 100 or float(value).is_integer():
+    if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.1f}"
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
-    rows = [("scenario", "figure", "measured", "unit", "target", "")]
+    # The sink column names the peer that answered the deliveries behind a figure: nginx
+    # (bench.sink) or the Python receiver (bench.receiver).
+    rows = [("scenario", "sink", "figure", "measured", "unit", "target", "")]
     for outcome in outcomes:
         for f in outcome.figures:
             verdict = "" if f.passed is None else ("ok" if f.passed else "MISS")
-            rows.append((f.scenario, f.name, _number(f.value, f.unit), f.unit, f.target, verdict))
+            value = _number(f.value, f.unit)
+            rows.append((f.scenario, f.sink, f.name, value, f.unit, f.target, verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         cells = [
-            cell.rjust(widths[i]) if i == 2 else cell.ljust(widths[i]) for i, cell in enumerate(row)
+            cell.rjust(widths[i]) if i == 3 else cell.ljust(widths[i]) for i, cell in enumerate(row)
         ]
         lines.append("  ".join(cells).rstrip())
         if index == 0:

@@ -37,7 +37,7 @@ from schemas.events import new_event_id
 from schemas.publish import PublishError, publish_event
 from tests.conftest import Receiver
 from worker.pipeline import topology
-from worker.store.store import Store
+from worker.store import Store
 from worker.store.tables import deliveries
 
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
@@ -136,7 +136,7 @@ class Ledger:
         ``behaviour`` gets the request and how many requests for the same event this path
         had before (so "500 then 200" is per event, as a retry sees it).
         """
-        webhook = await store.create_webhook(
+        webhook = await store.endpoints.create(
             org, receiver.url(path), list(events), "chaos", enabled=True
         )
         endpoint = Endpoint(org, path, webhook.id, webhook.secret, frozenset(events))

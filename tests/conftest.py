@@ -28,9 +28,8 @@ from aiohttp import web
 
 from worker import runtime
 from worker.settings import Settings
-from worker.store import database
+from worker.store import Store, database
 from worker.store.crypto import SecretBox, generate_key
-from worker.store.store import Store
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
@@ -280,7 +279,7 @@ class Service:
             return response.status, body
 
     async def token_for(self, org: str, scopes: tuple[str, ...] = ("webhooks:manage",)) -> str:
-        _, plaintext = await self.store.create_token(org, scopes, "test")
+        _, plaintext = await self.store.tokens.create(org, scopes, "test")
         return plaintext
 
 
@@ -320,7 +319,7 @@ async def service_factory(
         async def start(**overrides: Any) -> Service:  # noqa: ANN401
             settings = make_settings(database_url, amqp_url, ca_bundle, **overrides)
             running = await stack.enter_async_context(run_service(settings))
-            _, token = await running.store.create_token(org, ("webhooks:manage",), "test")
+            _, token = await running.store.tokens.create(org, ("webhooks:manage",), "test")
             return Service(running, http, token, org)
 
         yield start

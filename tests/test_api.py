@@ -80,12 +80,12 @@ async def test_patch_replaces_events_and_pauses(service: Service, receiver: Rece
     assert updated["enabled"] is False
     assert updated["updated_at"] >= created["updated_at"]
     assert updated["url"] == created["url"]
-    assert await service.store.subscribed_webhook_ids(service.org, "order.created") == []
-    assert await service.store.subscribed_webhook_ids(service.org, "ticket.created") == []
+    assert await service.store.endpoints.subscribed_ids(service.org, "order.created") == []
+    assert await service.store.endpoints.subscribed_ids(service.org, "ticket.created") == []
     status, resumed = await service.call("PATCH", f"/webhooks/{created['id']}", {"enabled": True})
     assert status == 200
     assert resumed["enabled"] is True
-    assert await service.store.subscribed_webhook_ids(service.org, "ticket.created") == [
+    assert await service.store.endpoints.subscribed_ids(service.org, "ticket.created") == [
         created["id"]
     ]
 
@@ -182,10 +182,10 @@ async def test_auth_errors(service: Service) -> None:
     status, body = await service.call("GET", "/webhooks", token=no_scope)
     assert (status, body["error"]["code"]) == (403, "missing_scope")
 
-    revocable, plaintext = await service.store.create_token(service.org, ["webhooks:manage"], "x")
+    revocable, plaintext = await service.store.tokens.create(service.org, ["webhooks:manage"], "x")
     status, _ = await service.call("GET", "/webhooks", token=plaintext)
     assert status == 200
-    assert await service.store.revoke_token(revocable.id)
+    assert await service.store.tokens.revoke(revocable.id)
     status, body = await service.call("GET", "/webhooks", token=plaintext)
     assert (status, body["error"]["code"]) == (401, "invalid_token")
 

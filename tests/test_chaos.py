@@ -53,12 +53,11 @@ from tests.chaos_support import (
 )
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
 from worker.pipeline import topology
-from worker.pipeline.delivery import DeliveryTask
 from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
-from worker.store import database
+from worker.pipeline.tasks import DeliveryTask
+from worker.store import Store, database
 from worker.store.crypto import SecretBox
 from worker.store.records import Attempt
-from worker.store.store import Store
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
 
@@ -149,7 +148,7 @@ async def _attempts(store: Store, webhook_id: str) -> list[Attempt]:
     found: list[Attempt] = []
     cursor = None
     while True:
-        page = await store.list_attempts(webhook_id, 100, cursor)
+        page = await store.attempts.list(webhook_id, 100, cursor)
         found.extend(page.data)
         if not page.has_more:
             return found
@@ -215,7 +214,7 @@ async def test_broker_restart_under_load(
     await _start(worker)
     settings = make_settings(postgres_url, amqp_url, ca_bundle)
     async with run_service(settings, role="api") as api, aiohttp.ClientSession() as http:
-        token = (await api.store.create_token(org, ("webhooks:manage",), "chaos"))[1]
+        token = (await api.store.tokens.create(org, ("webhooks:manage",), "chaos"))[1]
         base = f"http://127.0.0.1:{api.api_port}"
         load = asyncio.create_task(
             publish_load(broker, ledger, org, ORDER_TYPES, scaled(400), 12 * SCALE, timeout=3)

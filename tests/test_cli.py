@@ -13,8 +13,7 @@ import aio_pika
 import pytest
 
 from tests.conftest import fresh_postgres
-from worker.store import database
-from worker.store.store import Store
+from worker.store import Store, database
 from worker.store.tokens import hash_token
 
 
@@ -47,7 +46,7 @@ async def test_token_create_list_revoke(sqlite_env: dict[str, str]) -> None:
 
     engine = database.create_engine(sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"])
     try:
-        authenticated = await Store(engine).authenticate(token)
+        authenticated = await Store(engine).tokens.authenticate(token)
         assert authenticated is not None
         assert authenticated.org_id == "org_cli"
         assert authenticated.scopes == ("webhooks:manage",)

@@ -50,7 +50,7 @@ CUSTOM_RESOURCES = {
 # Labels Prometheus adds from the scrape target, not from the service's registry.
 TARGET_LABELS = frozenset({"namespace", "pod", "job", "instance", "service", "container"})
 # "skipped" is recorded when the endpoint was disabled or deleted before the attempt
-# (worker/pipeline/delivery.py); the other outcomes are the verdicts of worker/pipeline/outcome.py.
+# (worker/pipeline/attempts.py); the other outcomes are the verdicts of worker/pipeline/outcome.py.
 OUTCOMES = frozenset({v.value for v in Verdict} | {"skipped"})
 QUEUES = frozenset(
     {
@@ -348,7 +348,7 @@ def test_worker_grace_period_outlasts_the_drain() -> None:
     configured = _one("ConfigMap", "sellfern-webhooks-config")["data"]
     drain = float(configured["SELLFERN_WEBHOOKS_SHUTDOWN_DRAIN_SECONDS"])
     assert grace > default_drain
-    # runtime.Running.drain waits `drain`, then up to 5 s for the cancelled handlers; the
+    # PipelineWorker.stop drains for `drain`, then up to 5 s for the cancelled handlers; the
     # attempt writer's flush and the channel closes need time after that.
     assert grace >= drain + 5 + 10
 

@@ -95,7 +95,7 @@ def api(
     thread.start()
     loop, stop, running = ready.result(timeout=30)
     try:
-        create = running.store.create_token("org_fuzz", ["webhooks:manage"], "fuzz")
+        create = running.store.tokens.create("org_fuzz", ["webhooks:manage"], "fuzz")
         _, token = asyncio.run_coroutine_threadsafe(create, loop).result(10)
         yield ThreadedApi(f"http://127.0.0.1:{running.api_port}", token)
     finally:

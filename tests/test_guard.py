@@ -325,7 +325,7 @@ async def test_dns_rebinding_is_caught_at_delivery(
     host = "rebind.example"
     allowed = service.running.settings.allowed_private_networks
     await guard.check_host(host, allowed, resolver=dns)  # what the API does on save
-    webhook = await service.store.create_webhook(
+    webhook = await service.store.endpoints.create(
         service.org, f"https://{host}/hook", ["order.created"], "", enabled=True
     )
 

@@ -39,8 +39,7 @@ from tests.conftest import (
 )
 from worker.api.ratelimit import RateLimiter
 from worker.settings import Settings, SettingsError
-from worker.store import crypto, database
-from worker.store.store import Store
+from worker.store import Store, crypto, database
 from worker.store.tables import webhooks
 from worker.store.tokens import hash_token
 
@@ -108,7 +107,7 @@ async def test_every_route_hides_other_organizations(service: Service, receiver:
     # Nothing the other organization tried changed anything of mine.
     status, fetched = await service.call("GET", f"/webhooks/{mine['id']}")
     assert fetched["enabled"] is True
-    stored = await service.store.get_webhook(mine["id"])
+    stored = await service.store.endpoints.get(mine["id"])
     assert stored is not None
     assert stored.secret == mine["secret"]
     assert stored.previous_secret is None  # rotate-secret did not run
@@ -207,7 +206,7 @@ async def test_database_holds_no_plaintext_secret_or_token(
         assert token.removeprefix("sfw_") not in dump
 
     # And what is stored opens, with the service's key, to what the customer was given.
-    stored = await service.store.get_webhook(first["id"])
+    stored = await service.store.endpoints.get(first["id"])
     assert stored is not None
     assert (stored.secret, stored.previous_secret) == (rotated["secret"], first["secret"])
 
@@ -222,7 +221,7 @@ async def test_secrets_are_never_logged(service: Service, receiver: Receiver) ->
     rendered = repr(logs)
     for secret in (created["secret"], rotated["secret"], service.token):
         assert secret not in rendered
-    stored = await service.store.get_webhook(created["id"])
+    stored = await service.store.endpoints.get(created["id"])
     assert stored is not None
     assert stored.secret not in repr(stored)  # an endpoint logged whole shows no secret
     assert created["secret"] not in repr(stored)
@@ -376,12 +375,14 @@ async def test_rotate_keys_reseals_every_secret(fresh_database_url: str) -> None
     try:
         store = Store(engine, crypto.SecretBox([old]))
         made = [
-            await store.create_webhook(
+            await store.endpoints.create(
                 "org_keys", f"https://example.com/{i}", ["order.created"], "", enabled=True
             )
             for i in range(3)
         ]
-        rotated = await store.rotate_secret("org_keys", made[0].id, overlap=timedelta(days=1))
+        rotated = await store.endpoints.rotate_secret(
+            "org_keys", made[0].id, overlap=timedelta(days=1)
+        )
         assert rotated is not None
         # One row as written before encryption at rest: plaintext, to be sealed by rotate-keys.
         async with engine.begin() as connection:
@@ -407,7 +408,7 @@ async def test_rotate_keys_reseals_every_secret(fresh_database_url: str) -> None
         # The old key can go: the new one alone opens everything, to the same secrets.
         only_new = Store(engine, crypto.SecretBox([new]))
         for webhook_id, (secret, previous) in expected.items():
-            webhook = await only_new.get_webhook(webhook_id)
+            webhook = await only_new.endpoints.get(webhook_id)
             assert webhook is not None
             assert (webhook.secret, webhook.previous_secret) == (secret, previous)
         async with engine.connect() as connection:
@@ -420,7 +421,7 @@ async def test_rotate_keys_reseals_every_secret(fresh_database_url: str) -> None
                 with pytest.raises(InvalidToken):
                     Fernet(old).decrypt(value)
         with pytest.raises(crypto.SecretBoxError):
-            await Store(engine, crypto.SecretBox([old])).get_webhook(made[2].id)
+            await Store(engine, crypto.SecretBox([old])).endpoints.get(made[2].id)
     finally:
         await engine.dispose()
 

@@ -17,8 +17,7 @@ from schemas.publish import PublishError, connect, publish_event
 from worker import __version__, runtime
 from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
-from worker.store import crypto, database
-from worker.store.store import Store
+from worker.store import Store, crypto, database
 
 KNOWN_SCOPES = ("webhooks:manage",)
 SECRET_COMMANDS = ("serve", "api", "worker", "rotate-keys")
@@ -82,7 +81,7 @@ async def _with_store(
 async def _rotate_keys(settings: Settings, box: crypto.SecretBox) -> int:
     store = await _with_store(settings, auto_migrate=settings.is_sqlite, box=box)
     try:
-        resealed, current = await store.reseal_secrets()
+        resealed, current = await store.secrets.reseal()
     finally:
         await store.engine.dispose()
     print(f"re-encrypted {resealed} endpoints' secrets with the first key; {current} already were")
@@ -103,19 +102,19 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
     store = await _with_store(settings, auto_migrate=settings.is_sqlite)
     try:
         if args.token_command == "create":  # noqa: S105
-            token, plaintext = await store.create_token(args.org, args.scope, args.name)
+            token, plaintext = await store.tokens.create(args.org, args.scope, args.name)
             print(
                 f"created token {token.id} for {token.org_id} with scopes {' '.join(token.scopes)}"
             )
             print("store it now; it is not shown again:")
             print(plaintext)
         elif args.token_command == "list":  # noqa: S105
-            for token in await store.list_tokens():
+            for token in await store.tokens.list():
                 state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
                 used = f"{token.last_used_at:%Y-%m-%dT%H:%M}Z" if token.last_used_at else "never"
                 print(f"{token.id}\t{token.org_id}\t{' '.join(token.scopes)}\t{state}\t"
                       f"last used {used}\t{token.name}")  # fmt: skip
-        elif not await store.revoke_token(args.id):
+        elif not await store.tokens.revoke(args.id):
             print(f"no active token {args.id}", file=sys.stderr)
             return 1
         else:

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # Fernet keys sealing the signing secrets at rest; the first seals, all open (worker.store.crypto).
+    # Fernet keys sealing the signing secrets at rest; the first seals, all open
+    # (worker.store.crypto).
     secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # Allows PostgreSQL without SECRET_KEYS, with a public development key. Never in production.
     dev_mode: bool = False

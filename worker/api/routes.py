@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from schemas import api as models
-from worker.api.appkeys import DELIVERER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.appkeys import ATTEMPTS, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.api.openapi import openapi_document
 from worker.api.ratelimit import RateLimiter
 from worker.pipeline import guard
@@ -123,7 +123,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         raise ApiError(401, "invalid_token", "send Authorization: Bearer <token>")
-    token = await request.app[STORE].authenticate(credentials.strip())
+    token = await request.app[STORE].tokens.authenticate(credentials.strip())
     if token is None:
         raise ApiError(401, "invalid_token", "the token is unknown or revoked")
     wait = request.app[RATE_LIMITER].acquire(token.id)
@@ -204,7 +204,7 @@ async def _notify_change(request: web.Request) -> None:
 
 
 async def _own_webhook(request: web.Request) -> Webhook:
-    webhook = await request.app[STORE].get_webhook(
+    webhook = await request.app[STORE].endpoints.get(
         request.match_info["webhook_id"], request[TOKEN].org_id
     )
     if webhook is None:
@@ -256,7 +256,7 @@ def attempt_resource(attempt: Attempt) -> models.Attempt:
 async def create_webhook(request: web.Request) -> web.Response:
     body = await _body(request, models.WebhookCreate)
     url = await validate_url(request, body.url)
-    webhook = await request.app[STORE].create_webhook(
+    webhook = await request.app[STORE].endpoints.create(
         request[TOKEN].org_id, url, body.events, body.description, enabled=body.enabled
     )
     await _notify_change(request)
@@ -266,7 +266,7 @@ async def create_webhook(request: web.Request) -> web.Response:
 
 async def list_webhooks(request: web.Request) -> web.Response:
     query = _query(request, models.ListQuery)
-    page = await request.app[STORE].list_webhooks(request[TOKEN].org_id, query.limit, query.cursor)
+    page = await request.app[STORE].endpoints.list(request[TOKEN].org_id, query.limit, query.cursor)
     return _json(
         models.WebhookList(
             data=[webhook_resource(w) for w in page.data],
@@ -288,7 +288,7 @@ async def update_webhook(request: web.Request) -> web.Response:
             raise ApiError(400, "validation_error", f"{field}: may not be null")
     if "url" in changes:
         changes["url"] = await validate_url(request, changes["url"])
-    webhook = await request.app[STORE].update_webhook(
+    webhook = await request.app[STORE].endpoints.update(
         request[TOKEN].org_id, request.match_info["webhook_id"], changes
     )
     if webhook is None:
@@ -300,7 +300,7 @@ async def update_webhook(request: web.Request) -> web.Response:
 
 async def delete_webhook(request: web.Request) -> web.Response:
     webhook_id = request.match_info["webhook_id"]
-    if not await request.app[STORE].delete_webhook(request[TOKEN].org_id, webhook_id):
+    if not await request.app[STORE].endpoints.delete(request[TOKEN].org_id, webhook_id):
         raise ApiError(404, "not_found", "no such webhook in this organization")
     await _notify_change(request)
     log.info("webhook deleted", webhook_id=webhook_id)
@@ -308,7 +308,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    webhook = await request.app[STORE].rotate_secret(
+    webhook = await request.app[STORE].endpoints.rotate_secret(
         request[TOKEN].org_id, request.match_info["webhook_id"], SECRET_ROTATION_OVERLAP
     )
     if webhook is None:
@@ -321,7 +321,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     webhook = await _own_webhook(request)
     query = _query(request, models.AttemptListQuery)
     success = None if query.status is None else query.status == "succeeded"
-    page = await request.app[STORE].list_attempts(webhook.id, query.limit, query.cursor, success)
+    page = await request.app[STORE].attempts.list(webhook.id, query.limit, query.cursor, success)
     return _json(
         models.AttemptList(
             data=[attempt_resource(a) for a in page.data],
@@ -333,20 +333,20 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def test_webhook(request: web.Request) -> web.Response:
     webhook = await _own_webhook(request)
-    attempt = await request.app[DELIVERER].send_test(webhook)
+    attempt = await request.app[ATTEMPTS].send_test(webhook)
     return _json(attempt_resource(attempt))
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
     webhook = await _own_webhook(request)
     store = request.app[STORE]
-    previous = await store.get_attempt(webhook.id, request.match_info["attempt_id"])
+    previous = await store.attempts.get(webhook.id, request.match_info["attempt_id"])
     if previous is None:
         raise ApiError(404, "not_found", "no such delivery attempt for this webhook")
-    event = await store.get_event(previous.event_id)
+    event = await store.events.get(previous.event_id)
     if event is None:
         raise ApiError(404, "not_found", "the event is no longer retained")
-    attempt = await request.app[DELIVERER].redeliver(webhook, event)
+    attempt = await request.app[ATTEMPTS].redeliver(webhook, event)
     return _json(attempt_resource(attempt))
 
 

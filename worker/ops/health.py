@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.ops.metrics import Metrics
-from worker.store.store import Store
+from worker.store import Store
 
 HEARTBEAT_SECONDS = 1.0
 STALL_SECONDS = 10.0

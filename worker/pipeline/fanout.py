@@ -1,44 +1,36 @@
-"""The fan-out stage: one event from ``webhooks.events`` becomes one task per subscribed endpoint.
+"""The fan-out stage: one event from ``webhooks.events`` becomes one delivery per subscribed
+endpoint.
 
-The envelope is validated first; anything malformed is parked in ``webhooks.dead`` with its
-reason and never stops the worker. A valid event is stored with one delivery row per endpoint,
-the tasks are published with confirms, and only then is the event acked.
+The envelope is validated first; anything malformed goes to ``webhooks.dead`` with its reason
+and never stops the worker. A valid event is stored with one delivery row per endpoint, each
+delivery is started, queued or parked as the scheduler decides, and only once all of that is
+durable is the event acked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker.ops.metrics import Metrics
-from worker.pipeline import topology
-from worker.pipeline.delivery import (
-    Deliverer,
-    DeliveryTask,
-    Publisher,
-    encode_task,
-    riding_out_database_outages,
-)
-from worker.pipeline.loader import BatchLoader
-from worker.pipeline.parking import Parking
+from worker.pipeline.attempts import AttemptRunner
+from worker.pipeline.matcher import EndpointMatcher
+from worker.pipeline.publisher import Publisher, TaskQueue
+from worker.pipeline.scheduler import Offer, Route, Scheduler, Source
+from worker.pipeline.settle import Settler
+from worker.pipeline.tasks import DeliveryTask, encode_task
 from worker.pipeline.writer import BatchWriter, PipelineRecord
 from worker.store.records import NewEvent
-from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.fanout")
 
 MAX_NESTING = 32
-# Cached matches are invalidated by change notices; the TTL only bounds the damage of a lost
-# notice (say, the API published while this worker was reconnecting).
-MATCH_CACHE_TTL = 30.0
 
 
 class RejectedEventError(Exception):
@@ -93,60 +85,6 @@ def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, A
     return envelope, raw
 
 
-class EndpointMatcher:
-    """Which endpoints an (organization, event type) goes to, cached per process.
-
-    Cache misses that happen together — a burst of events from many organizations — are
-    answered by one indexed query.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}
-        # Bumped by every invalidation: an answer to a query that started before a change
-        # is used once but not cached.
-        self._generation = 0
-        self._loader: BatchLoader[tuple[str, str], list[str]] = BatchLoader(
-            "subscriptions", store.subscriptions, []
-        )
-
-    async def lookup(self, org_id: str, event_type: str) -> list[str]:
-        key = (org_id, event_type)
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        generation = self._generation
-        ids = await self._loader.get(key)
-        if generation == self._generation:
-            self._cache[key] = (now + MATCH_CACHE_TTL, ids)
-        return ids
-
-    def invalidate(self, org_id: str) -> None:
-        self._generation += 1
-        for key in [k for k in self._cache if k[0] == org_id]:
-            del self._cache[key]
-
-    async def on_change(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback for ``webhooks.changes`` notices."""
-        async with message.process(ignore_processed=True):
-            try:
-                self.invalidate(str(json.loads(message.body)["org_id"]))
-            except (ValueError, KeyError, TypeError):
-                self._generation += 1
-                self._cache.clear()
-
-
-class ChangeNotifier:
-    """Tells every worker that an organization's endpoints changed (API side)."""
-
-    def __init__(self, topo: topology.Topology) -> None:
-        self._exchange = topo.changes_exchange
-
-    async def endpoints_changed(self, org_id: str) -> None:
-        message = aio_pika.Message(json.dumps({"org_id": org_id}).encode())
-        await self._exchange.publish(message, routing_key="", timeout=10)
-
-
 def _observe(future: asyncio.Future[None]) -> None:
     """Mark a future's outcome seen: its failure is already reported by another."""
     if not future.cancelled():
@@ -154,42 +92,35 @@ def _observe(future: asyncio.Future[None]) -> None:
 
 
 class FanOut:
-    """Stores each event and hands it to its endpoints.
+    """Stores each event and hands each of its deliveries to the per-endpoint scheduler.
 
-    A fast endpoint gets its first attempt from here, at once (see
-    :meth:`Deliverer.sends_directly`); a slow one at its cap gets its delivery parked in the
-    database (:mod:`worker.parking`); any other gets a task on ``webhooks.deliveries``. The
-    event is acked only once the event and its parked deliveries are stored and each first
-    attempt is recorded (with its retry confirmed) or its task confirmed by the broker.
+    The scheduler decides per endpoint (:mod:`worker.pipeline.scheduler`): a fast endpoint gets
+    its first attempt from here, at once or as soon as one of its slots frees; a slow one at
+    its cap gets its delivery parked in the database (:mod:`worker.pipeline.parking`); any
+    other gets a task on ``webhooks.deliveries``. The event is acked only once the event and
+    its parked deliveries are stored and each first attempt is recorded (with its retry
+    confirmed) or its task confirmed by the broker.
     """
 
     def __init__(
-        self, store: Store, writer: BatchWriter[PipelineRecord], publisher: Publisher,
-        deliverer: Deliverer, parking: Parking, matcher: EndpointMatcher, metrics: Metrics,
-        max_event_bytes: int,
+        self, writer: BatchWriter[PipelineRecord], publisher: Publisher, scheduler: Scheduler,
+        runner: AttemptRunner, tasks: TaskQueue, matcher: EndpointMatcher, settler: Settler,
+        metrics: Metrics, max_event_bytes: int,
     ) -> None:  # fmt: skip
-        self._store = store
         self._writer = writer
         self._publisher = publisher
-        self._deliverer = deliverer
-        self._parking = parking
+        self._scheduler = scheduler
+        self._runner = runner
+        self._tasks = tasks
         self._matcher = matcher
+        self._settler = settler
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback: settle the message in exactly one place.
-
-        aio-pika runs each callback in a task of its own, so the log context bound while
-        handling one event ends with it.
-        """
-        async with message.process(requeue=True, ignore_processed=True):
-            try:
-                await riding_out_database_outages(self._store, lambda: self._handle(message.body))
-            except Exception:
-                log.exception("event fan-out failed; it will be redelivered")
-                await asyncio.sleep(1)  # do not hammer a broken dependency
-                raise
+        """Consumer callback; aio-pika runs each in a task of its own, so the log context
+        bound while handling one event ends with it."""
+        await self._settler.settle(message, lambda: self._handle(message.body))
 
     async def _handle(self, body: bytes) -> None:
         try:
@@ -201,39 +132,48 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
-        parked = frozenset(w for w in webhook_ids if self._parking.park(w))
+        # Offered before the event is written: which deliveries are parked goes in that write.
+        offers = [self._scheduler.offer(w, Source.NEW) for w in webhook_ids]
+        parked = frozenset(
+            o.webhook_id for o in offers if o.decision and o.decision.route is Route.PARK
+        )
         stored = self._writer.submit(
             NewEvent(raw, envelope.occurred_at, tuple(webhook_ids), parked)
         )
         if parked:
             self._metrics.deliveries_published.labels(envelope.type, "parked").inc(len(parked))
-            webhook_ids = [w for w in webhook_ids if w not in parked]
-        if len(webhook_ids) == 1:
+            offers = [o for o in offers if o.webhook_id not in parked]
+        if len(offers) == 1:
             # The common case, without the task per endpoint that gather would start.
             try:
-                await self._deliver(envelope, raw, body, webhook_ids[0])
+                await self._deliver(envelope, raw, body, offers[0])
             except BaseException:
                 stored.add_done_callback(_observe)
                 raise
             await stored
         else:
             await asyncio.gather(
-                stored,
-                *(self._deliver(envelope, raw, body, webhook_id) for webhook_id in webhook_ids),
+                stored, *(self._deliver(envelope, raw, body, offer) for offer in offers)
             )
         self._metrics.events_consumed.labels(envelope.type).inc()
         log.debug("event fanned out", endpoints=len(webhook_ids))
 
     async def _deliver(
-        self, envelope: EventEnvelope, raw: dict[str, Any], body: bytes, webhook_id: str
+        self, envelope: EventEnvelope, raw: dict[str, Any], body: bytes, offer: Offer
     ) -> None:
-        """Send the first attempt now if the endpoint is fast and free; else queue a task."""
-        if self._deliverer.sends_directly(webhook_id):
+        """Make the first attempt when the scheduler starts it; queue a task when it says so."""
+        try:
+            decision = await offer.wait()
+        except asyncio.CancelledError:
+            self._scheduler.withdraw(offer)
+            raise
+        webhook_id = offer.webhook_id
+        if decision.route is Route.START:
             task = DeliveryTask.model_construct(
                 event_id=envelope.id, webhook_id=webhook_id, attempt=1, event=raw
             )
-            if await self._deliverer.deliver_directly(task):
-                self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
-                return
-        await self._deliverer.queue_new(webhook_id, encode_task(envelope.id, webhook_id, 1, body))
+            await self._runner.run(task, decision.ticket, None)
+            self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
+            return
+        await self._tasks.queue(webhook_id, encode_task(envelope.id, webhook_id, 1, body))
         self._metrics.deliveries_published.labels(envelope.type, "queued").inc()

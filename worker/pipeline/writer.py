@@ -16,8 +16,8 @@ from typing import Generic, Self, TypeVar
 import structlog
 
 from worker.ops.metrics import Metrics
+from worker.store import Store
 from worker.store.records import AttemptRecord, NewEvent
-from worker.store.store import Store
 
 log = structlog.get_logger("sellfern_webhooks.writer")
 
@@ -102,4 +102,4 @@ PipelineRecord = NewEvent | AttemptRecord
 
 def pipeline_writer(store: Store, metrics: Metrics) -> BatchWriter[PipelineRecord]:
     """The worker's one writer: fan-out's events and both stages' attempts share its batches."""
-    return BatchWriter("pipeline", store.write_batch, metrics)
+    return BatchWriter("pipeline", store.pipeline.write_batch, metrics)

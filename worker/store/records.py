@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -98,3 +99,11 @@ class Page(Generic[T]):
     data: list[T]
     has_more: bool
     next_cursor: str | None
+
+
+def page_of(items: list[T], limit: int, cursor_of: Callable[[T], str]) -> Page[T]:
+    """The first ``limit`` of ``items``, fetched as ``limit + 1`` rows: the extra one, if
+    present, only says that there is a next page, whose cursor is the last item kept."""
+    has_more = len(items) > limit
+    items = items[:limit]
+    return Page(items, has_more, cursor_of(items[-1]) if has_more and items else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import secrets
@@ -38,15 +39,14 @@ def _token(row: sa.Row[Any]) -> Token:
     )
 
 
-class TokenStore:
-    """Token records. Needs no signing-secret key, so the token commands run without one."""
+class TokenRepository:
+    """The ``api_tokens`` table. Needs no signing-secret key, so the token commands run
+    without one."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        self._engine = engine
 
-    async def create_token(
-        self, org_id: str, scopes: Sequence[str], name: str
-    ) -> tuple[Token, str]:
+    async def create(self, org_id: str, scopes: Sequence[str], name: str) -> tuple[Token, str]:
         """Create a token; return it and its plaintext, which is stored nowhere."""
         plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token = Token(
@@ -58,28 +58,30 @@ class TokenStore:
             revoked_at=None,
             last_used_at=None,
         )
-        async with self.engine.begin() as connection:
+        async with self._engine.begin() as connection:
             await connection.execute(
                 api_tokens.insert().values(
                     id=token.id,
                     org_id=org_id,
                     name=name,
-                    scopes=list(token.scopes),
+                    scopes=builtins.list(token.scopes),
                     token_hash=hash_token(plaintext),
                     created_at=token.created_at,
                 )
             )
         return token, plaintext
 
-    async def list_tokens(self) -> list[Token]:
-        async with self.engine.connect() as connection:
+    async def list(self) -> builtins.list[Token]:
+        """Every token, revoked ones included, by organization."""
+        async with self._engine.connect() as connection:
             rows = await connection.execute(
                 sa.select(api_tokens).order_by(api_tokens.c.org_id, api_tokens.c.id)
             )
             return [_token(row) for row in rows]
 
-    async def revoke_token(self, token_id: str) -> bool:
-        async with self.engine.begin() as connection:
+    async def revoke(self, token_id: str) -> bool:
+        """Revoke a live token; True if this call revoked it."""
+        async with self._engine.begin() as connection:
             result = await connection.execute(
                 api_tokens.update()
                 .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
@@ -90,7 +92,7 @@ class TokenStore:
     async def authenticate(self, plaintext: str) -> Token | None:
         """The live token whose hash matches, or None. Revocation counts from the next call."""
         digest = hash_token(plaintext)
-        async with self.engine.connect() as connection:
+        async with self._engine.connect() as connection:
             row = (
                 await connection.execute(
                     sa.select(api_tokens, api_tokens.c.token_hash).where(
@@ -105,7 +107,7 @@ class TokenStore:
         token = _token(row)
         now = utcnow()
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
-            async with self.engine.begin() as connection:
+            async with self._engine.begin() as connection:
                 await connection.execute(
                     api_tokens.update().where(api_tokens.c.id == token.id).values(last_used_at=now)
                 )

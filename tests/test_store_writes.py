@@ -1,0 +1,367 @@
+"""The pipeline's batch write and the parked-delivery claim, on both databases.
+
+One sequence of batches is written through each implementation of
+:class:`~worker.store.pipeline_writes.PipelineWrites` — Core on SQLite, Core on PostgreSQL,
+asyncpg on PostgreSQL — and must leave the same rows: the asyncpg statements are a second
+implementation of the Core ones, and this is what keeps them one behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import TEST_SECRET_KEY
+from worker.store import Store, database, pipeline_writes
+from worker.store.crypto import SecretBox
+from worker.store.pipeline_pg import AsyncpgPipelineWrites
+from worker.store.pipeline_writes import CorePipelineWrites, PipelineWrites
+from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent
+from worker.store.tables import attempts, deliveries, events, webhooks
+
+pytestmark = pytest.mark.timeout(60)
+
+# The clock of the writes (received_at, and the timestamps of the deliveries an event opens),
+# fixed so that rows written at different times by different implementations compare equal.
+T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+Batch = list[NewEvent | AttemptRecord]
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class Scenario:
+    """Ids of one run, tagged so that runs sharing a database never see each other's rows."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(5)
+        self.org = f"org_{self.tag}"
+        self.attempt_count = 0
+
+    def wh(self, name: str) -> str:
+        return f"wh_{name}_{self.tag}"
+
+    def evt(self, name: str) -> str:
+        return f"evt_{name}_{self.tag}"
+
+    def event(self, name: str, *, to: Sequence[str], parked: Sequence[str] = ()) -> NewEvent:
+        envelope = {
+            "id": self.evt(name),
+            "type": "order.created",
+            "organization_id": self.org,
+            "occurred_at": T0.isoformat(),
+            "data": {"order": name, "lines": [1, 2]},
+        }
+        return NewEvent(
+            envelope, T0, tuple(self.wh(w) for w in to), frozenset(self.wh(w) for w in parked)
+        )
+
+    def attempt(
+        self,
+        event: str,
+        webhook: str,
+        number: int,
+        at: float,
+        state: DeliveryState,
+        retry_in: float | None = None,
+    ) -> AttemptRecord:
+        self.attempt_count += 1
+        success = state == "succeeded"
+        return AttemptRecord(
+            Attempt(
+                id=f"att_{self.attempt_count:03}_{self.tag}",
+                webhook_id=self.wh(webhook),
+                org_id=self.org,
+                event_id=self.evt(event),
+                event_type="order.created",
+                attempt=number,
+                success=success,
+                status_code=200 if success else 503,
+                error_kind=None if success else "http_status",
+                error_message=None if success else "HTTP 503",
+                duration_ms=17,
+                response_body="ok" if success else "busy",
+                created_at=_at(at),
+            ),
+            state,
+            None if retry_in is None else _at(at + retry_in),
+        )
+
+    def batches(self) -> list[Batch]:
+        a = self.attempt
+        return [
+            # Events: one with a pending and a parked delivery, one given twice in the batch.
+            [
+                self.event("1", to=["A", "B"], parked=["B"]),
+                self.event("2", to=["A"]),
+                self.event("3", to=["C"]),
+                self.event("4", to=["D", "F"]),
+                self.event("6", to=["F"]),
+                self.event("2", to=["A"]),
+            ],
+            # The same events again (a redelivered message): nothing changes.
+            [self.event("1", to=["A", "B"], parked=["B"]), self.event("3", to=["C"])],
+            [
+                a("1", "A", 1, 1, "succeeded"),
+                a("2", "A", 1, 2, "pending", retry_in=30),  # retryable: a run would start...
+                a("3", "C", 1, 3, "pending", retry_in=30),  # starts C's run
+                a("4", "D", 1, 4, "succeeded"),  # ends D's run, open since before
+                a("4", "F", 1, 5, "pending", retry_in=30),  # starts F's run
+            ],  # ...but A also succeeded in this batch, so A's run does not start
+            [
+                a("2", "A", 2, 40, "succeeded"),
+                a("3", "C", 2, 41, "failed"),  # final failure: C's run goes on from 3 s
+                a("4", "F", 2, 42, "succeeded"),  # ends F's run
+                # Two attempts of one delivery in a batch, of an event never stored (a test
+                # send): folded, created at the first, succeeded, attempt 2.
+                a("5", "E", 1, 43, "pending", retry_in=1),
+                a("5", "E", 2, 44, "succeeded"),
+            ],
+            [
+                # A late duplicate of attempt 1 after the success: the delivery stays
+                # succeeded at attempt 2 (the failure still starts a run, as any failure does).
+                a("2", "A", 1, 50, "pending", retry_in=30),
+                a("6", "F", 1, 51, "pending", retry_in=30),  # F fails again: a new run
+            ],
+        ]
+
+
+async def _add_webhooks(engine: AsyncEngine, scenario: Scenario) -> None:
+    rows = [
+        {
+            "id": scenario.wh(name),
+            "org_id": scenario.org,
+            "url": f"https://example.com/{name}",
+            "events": ["order.created"],
+            "enabled": True,
+            "description": "",
+            "secret": "whsec_unused",
+            "created_at": T0,
+            "updated_at": T0,
+            "failing_since": _at(-86400) if name == "D" else None,
+        }
+        for name in "ABCDEF"
+    ]
+    async with engine.begin() as connection:
+        await connection.execute(webhooks.insert(), rows)
+
+
+def _normalised(rows: Sequence[sa.Row[Any]], tag: str) -> list[str]:
+    """Rows as sorted JSON lines, datetimes in UTC and the run's tag masked."""
+
+    def value(v: Any) -> Any:  # noqa: ANN401 - any column's value
+        if isinstance(v, datetime):
+            return v.astimezone(UTC).isoformat()
+        return v
+
+    lines = [
+        json.dumps({k: value(v) for k, v in row._asdict().items()}, sort_keys=True) for row in rows
+    ]
+    return sorted(line.replace(tag, "TAG") for line in lines)
+
+
+async def _snapshot(engine: AsyncEngine, scenario: Scenario) -> dict[str, list[str]]:
+    mine = [scenario.wh(name) for name in "ABCDEF"]
+    queries = {
+        "events": sa.select(events).where(events.c.org_id == scenario.org),
+        "deliveries": sa.select(deliveries).where(deliveries.c.webhook_id.in_(mine)),
+        "attempts": sa.select(attempts).where(attempts.c.org_id == scenario.org),
+        "webhooks": sa.select(webhooks.c.id, webhooks.c.failing_since).where(
+            webhooks.c.org_id == scenario.org
+        ),
+    }
+    async with engine.connect() as connection:
+        return {
+            name: _normalised((await connection.execute(query)).all(), scenario.tag)
+            for name, query in queries.items()
+        }
+
+
+@asynccontextmanager
+async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
+    engine = database.create_engine(url)
+    try:
+        await database.ensure_schema(engine, auto_migrate=True)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def _run(
+    engine: AsyncEngine, make: Callable[[AsyncEngine], PipelineWrites]
+) -> dict[str, list[str]]:
+    scenario = Scenario()
+    await _add_webhooks(engine, scenario)
+    writes = make(engine)
+    for batch in scenario.batches():
+        await writes.write_batch(batch)
+    return await _snapshot(engine, scenario)
+
+
+def _row(lines: list[str], **match: Any) -> dict[str, Any]:  # noqa: ANN401
+    found: list[dict[str, Any]] = [
+        row for row in map(json.loads, lines) if match.items() <= row.items()
+    ]
+    assert len(found) == 1, (match, found)
+    return found[0]
+
+
+async def test_every_implementation_leaves_the_same_rows(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_writes, "utcnow", lambda: T0)
+    async with _engine(f"sqlite+aiosqlite:///{tmp_path / 'writes.db'}") as sqlite:
+        core_sqlite = await _run(sqlite, CorePipelineWrites)
+    async with _engine(postgres_url) as postgres:
+        core_postgres = await _run(postgres, CorePipelineWrites)
+        asyncpg_postgres = await _run(postgres, AsyncpgPipelineWrites)
+
+    for table in core_sqlite:
+        assert core_postgres[table] == core_sqlite[table], f"{table}: Core on PostgreSQL"
+        assert asyncpg_postgres[table] == core_sqlite[table], f"{table}: asyncpg"
+
+    # And what they agree on is what the batches mean.
+    rows = core_sqlite
+    assert len(rows["events"]) == 5
+    assert len(rows["attempts"]) == 12  # every attempt is kept, the duplicate too
+    assert _row(rows["events"], id="evt_1_TAG")["payload"]["data"] == {
+        "order": "1",
+        "lines": [1, 2],
+    }
+    assert _row(rows["events"], id="evt_1_TAG")["received_at"] == T0.isoformat()
+
+    def delivery(event: str, webhook: str) -> tuple[str, int, str | None, str]:
+        row = _row(rows["deliveries"], event_id=f"evt_{event}_TAG", webhook_id=f"wh_{webhook}_TAG")
+        return row["state"], row["attempts"], row["next_attempt_at"], row["created_at"]
+
+    assert len(rows["deliveries"]) == 8
+    assert delivery("1", "A") == ("succeeded", 1, None, T0.isoformat())
+    assert delivery("1", "B") == ("parked", 0, T0.isoformat(), T0.isoformat())
+    assert delivery("2", "A")[:2] == ("succeeded", 2)  # not reopened by the late duplicate
+    assert delivery("3", "C") == ("failed", 2, None, T0.isoformat())
+    assert delivery("5", "E") == ("succeeded", 2, None, _at(43).isoformat())
+    assert delivery("4", "F") == ("succeeded", 2, None, T0.isoformat())
+    assert delivery("6", "F") == ("pending", 1, _at(81).isoformat(), T0.isoformat())
+
+    def failing_since(webhook: str) -> str | None:
+        since: str | None = _row(rows["webhooks"], id=f"wh_{webhook}_TAG")["failing_since"]
+        return since
+
+    assert failing_since("A") == _at(50).isoformat()
+    assert failing_since("B") is None
+    assert failing_since("C") == _at(3).isoformat()
+    assert failing_since("D") is None
+    assert failing_since("E") is None
+    assert failing_since("F") == _at(51).isoformat()
+
+
+async def test_the_store_picks_asyncpg_on_postgresql_only(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    async with _engine(f"sqlite+aiosqlite:///{tmp_path / 'pick.db'}") as sqlite:
+        assert isinstance(Store(sqlite).pipeline, CorePipelineWrites)
+    async with _engine(postgres_url) as postgres:
+        assert isinstance(Store(postgres).pipeline, AsyncpgPipelineWrites)
+
+
+async def test_a_store_without_a_box_serves_tokens_but_not_endpoints(
+    store: Store, org: str
+) -> None:
+    boxless = Store(store.engine)
+    token, plaintext = await boxless.tokens.create(org, ["webhooks:manage"], "no box")
+    assert (await boxless.tokens.authenticate(plaintext)) == token
+    with pytest.raises(RuntimeError, match="no SecretBox"):
+        await boxless.endpoints.create(
+            org, "https://example.com/x", ["order.created"], "", enabled=True
+        )
+    with pytest.raises(RuntimeError, match="no SecretBox"):
+        await boxless.secrets.reseal()
+    assert (await store.endpoints.list(org, 10, None)).data == []  # nothing was written
+
+
+# --- parked deliveries -------------------------------------------------------------------
+
+
+async def _park(store: Store, org: str, count: int) -> tuple[str, list[str]]:
+    """An endpoint with ``count`` parked deliveries, oldest first; its id and their events."""
+    slow = await store.endpoints.create(
+        org, "https://example.com/slow", ["order.created"], "", enabled=True
+    )
+    event_ids = [f"evt_park{i:02}_{secrets.token_hex(4)}" for i in range(count)]
+    for i, event_id in enumerate(event_ids):  # one batch each: each one is older than the next
+        envelope = {"id": event_id, "type": "order.created", "organization_id": org,
+                    "occurred_at": T0.isoformat(), "data": {"n": i}}  # fmt: skip
+        await store.pipeline.write_batch([NewEvent(envelope, T0, (slow.id,), frozenset({slow.id}))])
+    return slow.id, event_ids
+
+
+async def test_a_claim_releases_parked_deliveries_only_when_its_block_succeeds(
+    store: Store, org: str
+) -> None:
+    slow, event_ids = await _park(store, org, 3)
+    assert (await store.parked.counts()).get(slow) == 3
+
+    claimed: list[str] = []
+
+    async def broker_down() -> None:
+        async with store.parked.claim(slow, 2) as rows:
+            claimed.extend(event_id for event_id, _ in rows)
+            raise ConnectionError("no broker")
+
+    with pytest.raises(ConnectionError):
+        await broker_down()
+    assert claimed == event_ids[:2]
+    # Rolled back: nothing lost.
+    assert (await store.parked.counts()).get(slow) == 3
+    assert await store.events.delivery_state(event_ids[0], slow) == "parked"
+
+    async with store.parked.claim(slow, 2) as rows:
+        assert [event_id for event_id, _ in rows] == event_ids[:2]  # oldest first
+        assert rows[1][1]["data"] == {"n": 1}  # the whole event, to build the task from
+        assert await store.events.delivery_state(event_ids[0], slow) == "parked"  # until then
+    assert await store.events.delivery_state(event_ids[0], slow) == "pending"
+    assert await store.events.delivery_state(event_ids[1], slow) == "pending"
+    assert await store.events.delivery_state(event_ids[2], slow) == "parked"
+    assert (await store.parked.counts()).get(slow) == 1
+
+    async with store.parked.claim(slow, 2) as rows:
+        assert [event_id for event_id, _ in rows] == event_ids[2:]
+    async with store.parked.claim(slow, 2) as rows:
+        assert rows == []
+    assert slow not in await store.parked.counts()
+
+
+async def test_concurrent_claims_never_get_the_same_row(postgres_url: str, org: str) -> None:
+    async with _engine(postgres_url) as engine:
+        store = Store(engine, SecretBox([TEST_SECRET_KEY]))
+        slow, event_ids = await _park(store, org, 10)
+
+        # Deterministically: a claim open while another holds its rows skips them.
+        async with store.parked.claim(slow, 4) as first, store.parked.claim(slow, 4) as second:
+            assert [e for e, _ in first] == event_ids[:4]
+            assert [e for e, _ in second] == event_ids[4:8]
+        assert (await store.parked.counts()).get(slow) == 2
+
+        # And racing: however they interleave, no row is handed out twice.
+        more, more_ids = await _park(store, org, 12)
+        claimed: list[str] = []
+
+        async def claim() -> None:
+            async with store.parked.claim(more, 4) as rows:
+                await asyncio.sleep(0.05)  # hold the locks while the others run
+                claimed.extend(event_id for event_id, _ in rows)
+
+        await asyncio.gather(*(claim() for _ in range(4)))
+        assert len(claimed) == len(set(claimed))
+        assert set(claimed) <= set(more_ids)

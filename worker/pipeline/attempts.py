@@ -1,0 +1,195 @@
+"""The attempt runner: one started attempt becomes a signed POST, a recorded attempt and, on
+a retryable failure, a confirmed retry.
+
+The runner is handed a slot the scheduler already gave (its ticket) and gives it back when
+the request ends, before the bookkeeping: the cap bounds the load on the endpoint, not the
+worker's own writes. The caller acks its message only after :meth:`AttemptRunner.run` returns,
+so the attempt is committed and any retry confirmed by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from schemas.events import TEST_EVENT_TYPE
+from worker.ops.metrics import Metrics, status_class
+from worker.pipeline import topology
+from worker.pipeline.loader import BatchLoader
+from worker.pipeline.outcome import Decision, Verdict, decide
+from worker.pipeline.publisher import Publisher
+from worker.pipeline.scheduler import Scheduler
+from worker.pipeline.sender import Sender, Sent
+from worker.pipeline.tasks import DeliveryTask, task_headers
+from worker.pipeline.writer import BatchWriter, PipelineRecord
+from worker.settings import Settings
+from worker.store import Store
+from worker.store.ids import new_id
+from worker.store.records import Attempt, AttemptRecord, DeliveryState, Webhook, utcnow
+
+log = structlog.get_logger("sellfern_webhooks.attempts")
+
+DISABLED_GONE = "the endpoint answered 410 Gone"
+DISABLED_FAILING = "every delivery failed for {days:g} days"
+
+
+def delivery_state(decision: Decision) -> DeliveryState:
+    if decision.verdict is Verdict.SUCCEEDED:
+        return "succeeded"
+    return "pending" if decision.verdict is Verdict.RETRY else "failed"
+
+
+def build_attempt(
+    webhook: Webhook, event: dict[str, Any], number: int, sent: Sent, decision: Decision
+) -> Attempt:
+    return Attempt(
+        id=new_id("att"),
+        webhook_id=webhook.id,
+        org_id=webhook.org_id,
+        event_id=event["id"],
+        event_type=event["type"],
+        attempt=number,
+        success=decision.verdict is Verdict.SUCCEEDED,
+        status_code=sent.response.status,
+        error_kind=decision.error_kind,
+        error_message=decision.error_message,
+        duration_ms=sent.duration_ms,
+        response_body=sent.response_body,
+        created_at=utcnow(),
+    )
+
+
+class AttemptEffects:
+    """What follows any attempt, queued or manual: its log line and metrics, and disabling an
+    endpoint that answered 410 or has only failed for ``AUTO_DISABLE_AFTER_SECONDS``."""
+
+    def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._auto_disable_after = timedelta(seconds=settings.auto_disable_after_seconds)
+
+    async def after(
+        self,
+        webhook: Webhook,
+        event: dict[str, Any],
+        attempt: Attempt,
+        decision: Decision,
+        now: datetime,
+    ) -> None:
+        outcome = decision.verdict.value
+        self._metrics.attempts.labels(
+            event["type"], outcome, status_class(attempt.status_code)
+        ).inc()
+        self._metrics.attempt_duration.labels(outcome).observe(attempt.duration_ms / 1000)
+        log.info(
+            "delivery attempt",
+            event_id=attempt.event_id,
+            webhook_id=attempt.webhook_id,
+            attempt=attempt.attempt,
+            outcome=outcome,
+            status_code=attempt.status_code,
+            error=decision.error_kind,
+            duration_ms=attempt.duration_ms,
+        )
+        if decision.verdict is Verdict.SUCCEEDED:
+            if event["type"] != TEST_EVENT_TYPE:
+                occurred = datetime.fromisoformat(event["occurred_at"])
+                self._metrics.delivery_lag.labels(event["type"]).observe(
+                    max(0.0, (now - occurred).total_seconds())
+                )
+            return
+        reason = None
+        if decision.verdict is Verdict.GONE:
+            reason, label = DISABLED_GONE, "gone"
+        elif webhook.failing_since and now - webhook.failing_since >= self._auto_disable_after:
+            days = self._auto_disable_after.total_seconds() / 86400
+            reason, label = DISABLED_FAILING.format(days=days), "failing"
+        if reason and await self._store.endpoints.disable(webhook.id, reason):
+            self._metrics.endpoints_disabled.labels(label).inc()
+            log.warning("endpoint disabled", webhook_id=webhook.id, reason=reason)
+
+
+class AttemptRunner:
+    """Makes the attempts the scheduler started, for fan-out and the deliveries consumer."""
+
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        scheduler: Scheduler,
+        publisher: Publisher,
+        writer: BatchWriter[PipelineRecord],
+        effects: AttemptEffects,
+        metrics: Metrics,
+        retry_schedule: tuple[float, ...],
+    ) -> None:
+        self._sender = sender
+        self._scheduler = scheduler
+        self._publisher = publisher
+        self._writer = writer
+        self._effects = effects
+        self._metrics = metrics
+        self._retry_schedule = retry_schedule
+        # Concurrent attempts read their endpoints in one query; each still reads after it
+        # started, so a PATCH enabled=false or a DELETE that returned before is seen.
+        self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
+            "webhooks", store.endpoints.get_many, None
+        )
+
+    async def run(self, task: DeliveryTask, ticket: int, body: bytes | None) -> None:
+        """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it.
+
+        ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted).
+        """
+        self._metrics.in_flight.inc()
+        answered = False
+        try:
+            webhook = await self._webhooks.get(task.webhook_id)
+            if webhook is None or not webhook.enabled:
+                log.info(
+                    "delivery skipped: endpoint deleted or disabled", webhook_id=task.webhook_id
+                )
+                self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
+                return
+            answered = True
+            sent = await self._sender.send(
+                webhook.url, webhook.signing_secrets(utcnow()), task.event
+            )
+        finally:
+            self._metrics.in_flight.dec()
+            self._scheduler.finished(task.webhook_id, ticket, answered=answered)
+        await self._settle(task, body, webhook, sent)
+
+    async def _settle(
+        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent
+    ) -> None:
+        """Record the attempt and, on a retryable failure, schedule the next one — both
+        durable before the caller acks."""
+        now = utcnow()
+        decision = decide(sent.response, task.attempt, self._retry_schedule, now)
+        attempt = build_attempt(webhook, task.event, task.attempt, sent, decision)
+        next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
+        durable: list[Awaitable[None]] = [
+            self._writer.write(AttemptRecord(attempt, delivery_state(decision), next_at))
+        ]
+        if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
+            tier = topology.retry_queue_name(decision.next_delay)
+            retry = task.model_copy(update={"attempt": task.attempt + 1})
+            durable.append(
+                self._publisher.to_queue(tier, retry.encode(), task_headers(task.webhook_id))
+            )
+            self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
+        elif decision.verdict is Verdict.FAILED:
+            durable.append(
+                self._publisher.dead_letter(
+                    task.encode() if body is None else body,
+                    "exhausted",
+                    decision.error_message or "",
+                )
+            )
+        await asyncio.gather(*durable)
+        await self._effects.after(webhook, task.event, attempt, decision, now)

@@ -1,0 +1,71 @@
+"""Which endpoints an event goes to: subscriptions cached per worker, invalidated on change."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.pipeline import topology
+from worker.pipeline.loader import BatchLoader
+from worker.store import Store
+
+# Cached matches are invalidated by change notices; the TTL only bounds the damage of a lost
+# notice (say, the API published while this worker was reconnecting).
+MATCH_CACHE_TTL = 30.0
+
+
+class EndpointMatcher:
+    """Which endpoints an (organization, event type) goes to, cached per process.
+
+    Cache misses that happen together — a burst of events from many organizations — are
+    answered by one indexed query.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}
+        # Bumped by every invalidation: an answer to a query that started before a change
+        # is used once but not cached.
+        self._generation = 0
+        self._loader: BatchLoader[tuple[str, str], list[str]] = BatchLoader(
+            "subscriptions", store.endpoints.subscriptions, []
+        )
+
+    async def lookup(self, org_id: str, event_type: str) -> list[str]:
+        key = (org_id, event_type)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        generation = self._generation
+        ids = await self._loader.get(key)
+        if generation == self._generation:
+            self._cache[key] = (now + MATCH_CACHE_TTL, ids)
+        return ids
+
+    def invalidate(self, org_id: str) -> None:
+        self._generation += 1
+        for key in [k for k in self._cache if k[0] == org_id]:
+            del self._cache[key]
+
+    async def on_change(self, message: AbstractIncomingMessage) -> None:
+        """Consumer callback for ``webhooks.changes`` notices."""
+        async with message.process(ignore_processed=True):
+            try:
+                self.invalidate(str(json.loads(message.body)["org_id"]))
+            except (ValueError, KeyError, TypeError):
+                self._generation += 1
+                self._cache.clear()
+
+
+class ChangeNotifier:
+    """Tells every worker that an organization's endpoints changed (API side)."""
+
+    def __init__(self, topo: topology.Topology) -> None:
+        self._exchange = topo.changes_exchange
+
+    async def endpoints_changed(self, org_id: str) -> None:
+        message = aio_pika.Message(json.dumps({"org_id": org_id}).encode())
+        await self._exchange.publish(message, routing_key="", timeout=10)

@@ -1,0 +1,218 @@
+"""The worker half of a process: its consumers, the pipeline behind them, its background loops.
+
+It is built complete by :meth:`PipelineWorker.start` and stopped by :meth:`PipelineWorker.stop`
+in an order that loses nothing:
+
+1. stop consuming, so no new message is taken;
+2. drain the handlers under way, up to a bound kept below Kubernetes'
+   ``terminationGracePeriodSeconds`` (a handler cancelled then rejects its message back to
+   its queue, to be redone);
+3. stop the background loops (parked sweeper, pruning, queue poll, scheduler review);
+4. flush the batch writer, so every attempt handled is committed;
+5. close the consumers' channels, once every message on them is settled.
+
+The broker connection, the publish channel, the HTTP session and the database engine belong
+to the process (:mod:`worker.runtime`) and are closed after this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from worker.ops.metrics import Metrics
+from worker.pipeline import topology
+from worker.pipeline.attempts import AttemptEffects, AttemptRunner
+from worker.pipeline.deliveries import DeliveriesConsumer
+from worker.pipeline.fanout import FanOut
+from worker.pipeline.matcher import EndpointMatcher
+from worker.pipeline.parking import ParkingSweeper
+from worker.pipeline.publisher import Publisher, TaskQueue
+from worker.pipeline.scheduler import Scheduler
+from worker.pipeline.sender import Sender
+from worker.pipeline.settle import Settler
+from worker.pipeline.writer import pipeline_writer
+from worker.settings import Settings
+from worker.store import Store
+from worker.store.records import utcnow
+
+log = structlog.get_logger("sellfern_webhooks.worker")
+
+Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+QUEUE_POLL_SECONDS = 15.0
+PRUNE_INTERVAL_SECONDS = 3600.0
+# How often the scheduler looks at its waiting lines: a hanging endpoint shows only through
+# time passing, and what waits for it is sent on within this much of its turning slow.
+REVIEW_SECONDS = 0.05
+
+
+class PipelineWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics,
+        connection: AbstractRobustConnection,
+        topo: topology.Topology,
+        sender: Sender,
+        publisher: Publisher,
+        effects: AttemptEffects,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._connection = connection
+        self._topology = topo
+        self._sender = sender
+        self._publisher = publisher
+        self._effects = effects
+        self.scheduler = Scheduler(
+            cap=settings.endpoint_concurrency,
+            global_cap=settings.delivery_concurrency,
+            defer_tiers=topology.DEFER_TIERS,
+        )
+        self._writer = pipeline_writer(store, metrics)
+        self._channels: list[AbstractChannel] = []
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._background: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._stopped = False
+
+    @property
+    def handling(self) -> int:
+        """Messages being handled now."""
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        settings, store, metrics = self._settings, self._store, self._metrics
+        await self._writer.__aenter__()
+        scheduler = self.scheduler
+        tasks = TaskQueue(self._publisher, scheduler)
+        runner = AttemptRunner(
+            store, self._sender, scheduler, self._publisher, self._writer, self._effects,
+            metrics, settings.retry_schedule,
+        )  # fmt: skip
+        matcher = EndpointMatcher(store)
+        fanout = FanOut(
+            self._writer, self._publisher, scheduler, runner, tasks, matcher,
+            Settler(store.ping, "fan-out"), metrics, settings.max_event_bytes,
+        )  # fmt: skip
+        deliveries = DeliveriesConsumer(
+            scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics
+        )
+        sweeper = ParkingSweeper(store, scheduler, tasks, metrics)
+
+        changes_channel = await self._channel()
+        # Server-named, exclusive and auto-deleted: each worker gets its own copy of every notice.
+        changes = await changes_channel.declare_queue(exclusive=True, auto_delete=True)
+        await changes.bind(topology.CHANGES_EXCHANGE)
+        self._consumers.append((changes, await changes.consume(matcher.on_change)))
+        # The prefetch of these channels bounds what the worker holds unacked, and so what may
+        # wait in the scheduler's lines.
+        await self._consume(topology.EVENTS_QUEUE, fanout.on_message)
+        await self._consume(topology.DELIVERIES_QUEUE, deliveries.on_message)
+
+        poll_channel = await self._channel()
+        retention = timedelta(days=settings.retention_days)
+        self._spawn(self._poll_queues(poll_channel), "queue-poll")
+        self._spawn(sweeper.run(), "parking")
+        self._spawn(self._prune_periodically(retention), "prune")
+        self._spawn(self._review(), "scheduler-review")
+
+    async def stop(self, drain_bound: float) -> int:
+        """Stop in the order of the module's docstring; return how many handlers were cut."""
+        if self._stopped:
+            return 0
+        self._stopped = True
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        left = await self._drain(drain_bound)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._writer.__aexit__(None, None, None)
+        for channel in reversed(self._channels):
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return left
+
+    async def _drain(self, bound: float) -> int:
+        if not self._handlers:
+            return 0
+        _, pending = await asyncio.wait(set(self._handlers), timeout=bound)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        return len(pending)
+
+    async def _channel(self) -> AbstractChannel:
+        channel = await self._connection.channel()
+        self._channels.append(channel)
+        return channel
+
+    async def _consume(self, queue_name: str, callback: Callback) -> None:
+        channel = await self._channel()
+        await channel.set_qos(prefetch_count=self._settings.delivery_concurrency)
+        # declare_queue (passive), not get_queue: only a declared queue is registered with its
+        # robust channel, which re-consumes it after a reconnect; a get_queue one stays silent.
+        queue = await channel.declare_queue(queue_name, passive=True)
+        self._consumers.append((queue, await queue.consume(self._tracked(callback))))
+
+    def _tracked(self, callback: Callback) -> Callback:
+        """Wrap a consumer callback so that stop() can wait for the handlers under way."""
+
+        async def tracked(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._handlers.add(task)
+            try:
+                await callback(message)
+            finally:
+                if task is not None:
+                    self._handlers.discard(task)
+
+        return tracked
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._background.append(asyncio.create_task(coro, name=name))
+
+    async def _review(self) -> None:
+        while True:
+            self.scheduler.review()
+            await asyncio.sleep(REVIEW_SECONDS)
+
+    async def _poll_queues(self, channel: AbstractChannel) -> None:
+        """Export queue depth and consumer counts; a dead consumer shows as 0 here."""
+        while True:
+            for name in self._topology.queue_names:
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                except Exception as exc:
+                    log.debug("queue poll failed", queue=name, error=str(exc))
+                    continue
+                result = queue.declaration_result
+                self._metrics.queue_messages.labels(name).set(result.message_count or 0)
+                self._metrics.queue_consumers.labels(name).set(result.consumer_count or 0)
+            await asyncio.sleep(QUEUE_POLL_SECONDS)
+
+    async def _prune_periodically(self, retention: timedelta) -> None:
+        """Apply the retention setting: delete old events and attempts, once an hour."""
+        while True:
+            try:
+                events, attempts = await self._store.events.prune(utcnow() - retention)
+            except Exception as exc:
+                log.warning("pruning failed; trying again in an hour", error=str(exc))
+            else:
+                if events or attempts:
+                    log.info("pruned old records", events=events, attempts=attempts)
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)

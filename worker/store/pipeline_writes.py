@@ -1,0 +1,223 @@
+"""The pipeline's batch write: events with their deliveries, and attempts with their effects.
+
+This is the worker's hottest write, so it has two implementations of one
+:class:`PipelineWrites` protocol: :class:`CorePipelineWrites` here (SQLAlchemy Core; SQLite,
+and it works on PostgreSQL too) and :class:`~worker.store.pipeline_pg.AsyncpgPipelineWrites`
+(asyncpg directly; what PostgreSQL uses). Both execute the same :class:`PreparedBatch`, built
+once by :func:`prepare`: what a batch means — which rows, deduplicated and folded how, which
+failure runs start or end — is decided in one place, and only the SQL differs. The tests
+write one batch through each and compare the rows they leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent, utcnow
+from worker.store.tables import attempts, deliveries, events, webhooks
+
+# An event: its id, org_id, type, occurred_at and payload.
+EventRow = tuple[str, str, str, datetime, dict[str, Any]]
+# A delivery an event opens, with no attempt yet: event_id, webhook_id and state.
+OpenedRow = tuple[str, str, DeliveryState]
+# A delivery advanced by attempts: event_id, webhook_id, state, attempts, next_attempt_at,
+# created_at and updated_at.
+AdvanceRow = tuple[str, str, DeliveryState, int, datetime | None, datetime, datetime]
+
+ATTEMPT_COLUMNS = tuple(Attempt.__dataclass_fields__)
+
+
+class PipelineWrites(Protocol):
+    async def write_batch(self, batch: Sequence[NewEvent | AttemptRecord]) -> None:
+        """Keep what the pipeline produced — events with their deliveries, and attempts with
+        their delivery's new state and their endpoint's failure run — in one transaction:
+        the hot path pays one commit per batch, whatever it holds. Events and deliveries are
+        inserted only if new (repeating a batch is harmless); attempts always; a delivery
+        advances without ever leaving ``succeeded``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch as rows, ready for either implementation to execute."""
+
+    now: datetime  # received_at of the events, and the timestamps of the deliveries opened
+    events: list[EventRow]
+    opened: list[OpenedRow]
+    attempts: list[Attempt]
+    advances: list[AdvanceRow]
+    ended: list[str]  # endpoints whose failure run a success in the batch ends
+    started: dict[str, datetime]  # endpoints whose run may start, at their first failure
+
+
+def prepare(batch: Sequence[NewEvent | AttemptRecord]) -> PreparedBatch:
+    """The rows ``batch`` writes.
+
+    An event or delivery given twice keeps its first form, as an insert that ignores
+    conflicts would; several attempts of one delivery are folded into one upsert row (a
+    statement may not touch a row twice), as consecutive upserts would leave it.
+    """
+    new_events = [item for item in batch if isinstance(item, NewEvent)]
+    records = [item for item in batch if isinstance(item, AttemptRecord)]
+    event_rows: dict[str, EventRow] = {}
+    opened: dict[tuple[str, str], OpenedRow] = {}
+    for item in new_events:
+        event = item.event
+        event_rows.setdefault(
+            event["id"],
+            (event["id"], event["organization_id"], event["type"], item.occurred_at, event),
+        )
+        for webhook_id in item.webhook_ids:
+            state: DeliveryState = "parked" if webhook_id in item.parked else "pending"
+            opened.setdefault((event["id"], webhook_id), (event["id"], webhook_id, state))
+    ended, started = failure_runs(records)
+    return PreparedBatch(
+        now=utcnow(),
+        events=list(event_rows.values()),
+        opened=list(opened.values()),
+        attempts=[r.attempt for r in records],
+        advances=fold_advances(records),
+        ended=ended,
+        started=started,
+    )
+
+
+def fold_advances(records: Sequence[AttemptRecord]) -> list[AdvanceRow]:
+    """One upsert row per delivery: ``succeeded`` if any attempt succeeded, else the last
+    state; the highest attempt number; the last attempt's next time; created at the first
+    attempt, updated at the last (only a delivery not yet in the table takes ``created_at``).
+    """
+    folded: dict[tuple[str, str], AdvanceRow] = {}
+    for r in records:
+        a = r.attempt
+        key = (a.event_id, a.webhook_id)
+        earlier = folded.get(key)
+        if earlier is None:
+            folded[key] = (a.event_id, a.webhook_id, r.delivery_state, a.attempt,
+                           r.next_attempt_at, a.created_at, a.created_at)  # fmt: skip
+            continue
+        state: DeliveryState = (
+            "succeeded" if "succeeded" in (earlier[2], r.delivery_state) else r.delivery_state
+        )
+        folded[key] = (a.event_id, a.webhook_id, state, max(earlier[3], a.attempt),
+                       r.next_attempt_at, earlier[5], a.created_at)  # fmt: skip
+    return list(folded.values())
+
+
+def failure_runs(records: Sequence[AttemptRecord]) -> tuple[list[str], dict[str, datetime]]:
+    """Endpoints whose failure run a batch ends (any success), and those it may start."""
+    succeeded = {r.attempt.webhook_id for r in records if r.attempt.success}
+    failed: dict[str, datetime] = {}
+    for r in records:
+        if not r.attempt.success and r.attempt.webhook_id not in succeeded:
+            failed.setdefault(r.attempt.webhook_id, r.attempt.created_at)
+    return sorted(succeeded), failed
+
+
+class CorePipelineWrites:
+    """:class:`PipelineWrites` in SQLAlchemy Core, on SQLite or PostgreSQL."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._postgresql = engine.dialect.name == "postgresql"
+
+    async def write_batch(self, batch: Sequence[NewEvent | AttemptRecord]) -> None:
+        """See :meth:`PipelineWrites.write_batch`."""
+        if not batch:
+            return
+        prepared = prepare(batch)
+        async with self._engine.begin() as connection:
+            # Events first: an attempt of the same batch then advances the delivery row the
+            # event opened, and never the other way round.
+            await self._insert_events(connection, prepared)
+            await self._insert_attempts(connection, prepared)
+
+    def _insert(self, table: sa.Table) -> Any:  # noqa: ANN401 - a dialect-specific Insert
+        return (postgresql.insert if self._postgresql else sqlite.insert)(table)
+
+    async def _insert_events(self, connection: AsyncConnection, prepared: PreparedBatch) -> None:
+        now = prepared.now
+        if prepared.events:
+            await connection.execute(
+                self._insert(events).on_conflict_do_nothing(),
+                [
+                    {
+                        "id": i,
+                        "org_id": o,
+                        "type": t,
+                        "occurred_at": at,
+                        "payload": p,
+                        "received_at": now,
+                    }
+                    for i, o, t, at, p in prepared.events
+                ],
+            )
+        if prepared.opened:
+            await connection.execute(
+                self._insert(deliveries).on_conflict_do_nothing(),
+                [
+                    {
+                        "event_id": e,
+                        "webhook_id": w,
+                        "state": s,
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for e, w, s in prepared.opened
+                ],
+            )
+
+    async def _insert_attempts(self, connection: AsyncConnection, prepared: PreparedBatch) -> None:
+        if not prepared.attempts:
+            return
+        await connection.execute(
+            attempts.insert(),
+            [{c: getattr(a, c) for c in ATTEMPT_COLUMNS} for a in prepared.attempts],
+        )
+        # One upsert for the whole batch (executemany), not two statements per attempt.
+        columns = ("event_id", "webhook_id", "state", "attempts", "next_attempt_at",
+                   "created_at", "updated_at")  # fmt: skip
+        await connection.execute(
+            self._delivery_upsert(),
+            [dict(zip(columns, row, strict=True)) for row in prepared.advances],
+        )
+        if prepared.ended:
+            await connection.execute(
+                webhooks.update()
+                .where(webhooks.c.id.in_(prepared.ended), webhooks.c.failing_since.is_not(None))
+                .values(failing_since=None)
+            )
+        if prepared.started:
+            await connection.execute(
+                webhooks.update()
+                .where(webhooks.c.id == sa.bindparam("run_id"), webhooks.c.failing_since.is_(None))
+                .values(failing_since=sa.bindparam("run_since")),
+                [{"run_id": w, "run_since": since} for w, since in prepared.started.items()],
+            )
+
+    def _delivery_upsert(self) -> Any:  # noqa: ANN401 - a dialect-specific Insert
+        """Insert or advance a delivery. A succeeded delivery stays succeeded: a late duplicate
+        of an earlier attempt must not reopen it."""
+        statement = self._insert(deliveries)
+        # max() of two values is a scalar function on SQLite, an aggregate on PostgreSQL.
+        larger = sa.func.greatest if self._postgresql else sa.func.max
+        return statement.on_conflict_do_update(
+            index_elements=[deliveries.c.event_id, deliveries.c.webhook_id],
+            set_={
+                "state": sa.case(
+                    (deliveries.c.state == "succeeded", deliveries.c.state),
+                    else_=statement.excluded.state,
+                ),
+                "attempts": larger(deliveries.c.attempts, statement.excluded.attempts),
+                "next_attempt_at": statement.excluded.next_attempt_at,
+                "updated_at": statement.excluded.updated_at,
+            },
+        )
