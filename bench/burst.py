@@ -15,6 +15,7 @@ an endpoint at its cap) and the deliveries by route, from ``/metrics`` before it
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -166,22 +167,25 @@ async def burst(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
     results: dict[tuple[str, str], list[dict[str, Any]]] = {
         (backend, config): [] for backend in BACKENDS for config in configs
     }
-    tokens: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="sfw-bench-burst-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="sfw-bench-burst-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        # `token create` also migrates a new SQLite file: each SQLite run gets a fresh copy of
+        # this one, token included. PostgreSQL's tokens outlive the harness's TRUNCATEs.
+        template = scratch / "template.db"
+        log = bench.log_dir / "token-burst.log"
+        tokens = {
+            "SQLite": await create_token(bench.service_settings(_sqlite(template)), ORG, log),
+            "PostgreSQL": await create_token(bench.service_settings(), ORG, log),
+        }
         for round_number in range(1, bench.sizes.rounds + 1):
             for backend in BACKENDS:
                 for config, extra in configs.items():
                     label = f"burst-{backend.lower()}-{config}-{round_number}"
                     await bench.reset()  # queues, and the PostgreSQL tables
+                    url = bench.database_url
                     if backend == "SQLite":
-                        url = f"sqlite+aiosqlite:///{Path(scratch) / label}.db"
-                    else:
-                        url = bench.database_url
-                    if url not in tokens:  # `token create` also migrates a new SQLite file
-                        settings = bench.service_settings(url)
-                        log = bench.log_dir / f"token-{label}.log"
-                        tokens[url] = await create_token(settings, ORG, log)
-                    run = await _one_burst(bench, label, url, extra, tokens[url])
+                        url = _sqlite(await asyncio.to_thread(_fresh_copy, template, label))
+                    run = await _one_burst(bench, label, url, extra, tokens[backend])
                     results[backend, config].append(run)
                     outcome.details[f"{backend} {config} #{round_number}"] = run
                     bench.say(label)(
@@ -190,6 +194,19 @@ async def burst(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
                     )
     _figures(outcome, results, bench.concurrency)
     return outcome
+
+
+def _sqlite(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _fresh_copy(template: Path, name: str) -> Path:
+    copy = template.with_name(f"{name}.db")
+    shutil.copyfile(template, copy)
+    wal = template.with_name(f"{template.name}-wal")  # gone once its last connection closed
+    if wal.exists():
+        shutil.copyfile(wal, copy.with_name(f"{copy.name}-wal"))
+    return copy
 
 
 def _fmt(value: float | None) -> str:

@@ -13,6 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The checkout whose worker is measured: this one, or another (an older commit, for a
+# before/after comparison in one session) named by BENCH_WORKER_ROOT. Child processes run
+# ``python -m worker.cli`` there, so they import that checkout's ``worker`` package.
+WORKER_ROOT = Path(os.environ.get("BENCH_WORKER_ROOT", REPO_ROOT))
 ENV_PREFIX = "SELLFERN_WEBHOOKS_"
 
 
@@ -99,7 +103,7 @@ async def run_worker(
             "-m",
             "worker.cli",
             command,
-            cwd=REPO_ROOT,
+            cwd=WORKER_ROOT,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import REPO_ROOT, WorkerProcess, free_port, run_worker, service_env
+from bench.procs import WORKER_ROOT, WorkerProcess, free_port, run_worker, service_env
 
 START_SECONDS = 60
 SCOPE = "webhooks:manage"
@@ -59,7 +59,7 @@ async def create_token(settings: Mapping[str, str], org: str, log_path: Path) ->
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "worker.cli", "token", "create",
         "--org", org, "--scope", SCOPE, "--name", "bench",
-        cwd=REPO_ROOT,
+        cwd=WORKER_ROOT,
         env=service_env(settings),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

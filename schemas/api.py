@@ -6,6 +6,7 @@ three cannot drift apart.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -131,22 +132,42 @@ class AttemptList(BaseModel):
     next_cursor: str | None
 
 
-ErrorCode = Literal[
-    "validation_error",
-    "invalid_token",
-    "missing_scope",
-    "not_found",
-    "method_not_allowed",
-    "payload_too_large",
-    "rate_limited",
-    "unavailable",
-    "internal_error",
-]
+@dataclass(frozen=True)
+class ErrorCode:
+    """One row of the API's error table: the status, the code in the body, and when."""
+
+    status: int
+    code: str
+    when: str
+    every_call: bool = True  # a possible answer of every call; else only of calls that say so
+
+
+# The one list of error codes: the error responses take their status from here, and the
+# OpenAPI document its responses and the enum of ``error.code``.
+ERROR_CODES: tuple[ErrorCode, ...] = (
+    ErrorCode(400, "validation_error", "the request is malformed or names something unknown."),
+    ErrorCode(401, "invalid_token", "no token, or an unknown or revoked one."),
+    ErrorCode(403, "missing_scope", "the token lacks webhooks:manage."),
+    ErrorCode(404, "not_found", "no such resource in this organization.", every_call=False),
+    ErrorCode(405, "method_not_allowed", "the path does not take this method."),
+    ErrorCode(413, "payload_too_large", "the body is over 64 KiB.", every_call=False),
+    ErrorCode(429, "rate_limited", "too many requests for this token; see Retry-After."),
+    ErrorCode(500, "internal_error", "an unexpected failure; it has been logged."),
+    ErrorCode(503, "unavailable", "reserved; no call answers it today.", every_call=False),
+)
+ERRORS_BY_CODE: dict[str, ErrorCode] = {error.code: error for error in ERROR_CODES}
 
 
 class ErrorBody(BaseModel):
-    code: ErrorCode
+    code: str = Field(json_schema_extra={"enum": list(ERRORS_BY_CODE)})
     message: str
+
+    @field_validator("code")
+    @classmethod
+    def _known_code(cls, code: str) -> str:
+        if code not in ERRORS_BY_CODE:
+            raise ValueError(f"not an error code of this API: {code!r}")
+        return code
 
 
 class ErrorResponse(BaseModel):

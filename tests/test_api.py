@@ -7,8 +7,10 @@ import base64
 
 import pytest
 
+from schemas.api import ERRORS_BY_CODE
 from schemas.events import EVENT_TYPES
 from tests.conftest import Receiver, Service
+from worker.api.routes import BASE, OPENAPI_PATH
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -227,6 +229,50 @@ async def test_openapi_document_lists_routes_and_models(service: Service) -> Non
     create = document["components"]["schemas"]["WebhookCreate"]
     assert create["additionalProperties"] is False
     assert set(create["properties"]["events"]["items"]["enum"]) == set(EVENT_TYPES)
+    code = document["components"]["schemas"]["ErrorBody"]["properties"]["code"]
+    assert set(code["enum"]) == set(ERRORS_BY_CODE)
+    # Every reference resolves to a component of the document.
+    refs = _refs(document)
+    assert refs
+    assert {ref.removeprefix("#/components/schemas/") for ref in refs} <= set(
+        document["components"]["schemas"]
+    )
+
+
+def _refs(node: object) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()
+        return own.union(*(_refs(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_refs(value) for value in node))
+    return set()
+
+
+async def test_every_served_route_is_documented_and_back(service: Service) -> None:
+    """What the running app's router serves below /api/v2 is what its document lists."""
+    app = service.running.api_app
+    assert app is not None
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith(f"{BASE}/")
+    }
+    assert ("GET", OPENAPI_PATH) in served
+    served.discard(("GET", OPENAPI_PATH))
+    served.discard(("HEAD", OPENAPI_PATH))
+    # aiohttp answers HEAD wherever there is a GET, as HTTP asks; the document lists the GET.
+    served -= {("HEAD", path) for method, path in served if method == "GET"}
+    async with service.http.get(f"{service.base}{OPENAPI_PATH}") as response:
+        document = await response.json()
+    assert [server["url"] for server in document["servers"]] == [BASE]
+    documented = {
+        (method.upper(), f"{BASE}{path}")
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    assert served == documented
+    assert ("POST", f"{BASE}/webhooks/{{webhook_id}}/deliveries/{{attempt_id}}/retry") in served
 
 
 async def test_health_endpoints(service: Service) -> None:

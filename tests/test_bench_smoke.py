@@ -36,7 +36,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=110,  # under pytest-timeout's 120 s for the whole test
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from tests.conftest import ServiceFactory
 from worker.pipeline import guard
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -311,33 +310,3 @@ async def test_guarded_resolver_refuses_denied_answers() -> None:
         await resolver.resolve("name.example", 443)
     with pytest.raises(guard.BlockedAddressError):
         await resolver.resolve("2130706433", 443)
-
-
-async def test_dns_rebinding_is_caught_at_delivery(
-    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Public when the endpoint is saved, private when delivered to: blocked_address."""
-    dns = StaticResolver("93.184.216.34")
-    # The delivery session resolves through GuardedResolver(inner=DefaultResolver()); make the
-    # inner resolver this stand-in for DNS. Everything else is the running service.
-    monkeypatch.setattr(guard, "DefaultResolver", lambda: dns)
-    service = await service_factory()
-    host = "rebind.example"
-    allowed = service.running.settings.allowed_private_networks
-    await guard.check_host(host, allowed, resolver=dns)  # what the API does on save
-    webhook = await service.store.endpoints.create(
-        service.org, f"https://{host}/hook", ["order.created"], "", enabled=True
-    )
-
-    dns.answers = ["10.0.0.7"]  # the record changes after the check
-    status, attempt = await service.call("POST", f"/webhooks/{webhook.id}/test")
-    assert status == 200, attempt
-    assert attempt["success"] is False
-    assert attempt["status_code"] is None
-    assert attempt["error"]["kind"] == "blocked_address"
-    assert "10.0.0.7" in attempt["error"]["message"]
-    assert dns.asked == [host, host]  # one lookup to save, one to connect: no second one
-
-    status, listing = await service.call("GET", f"/webhooks/{webhook.id}/deliveries")
-    assert status == 200
-    assert [a["error"]["kind"] for a in listing["data"]] == ["blocked_address"]

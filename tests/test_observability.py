@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
 import aio_pika
 import aiohttp
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from schemas.publish import publish_event
 from tests.conftest import Receiver, Service, eventually, make_settings, run_service
+from worker.ops.logging import LIBRARY_LOGGERS, configure_logging
 
 EXPECTED_FAMILIES = {
     "sellfern_webhooks_events_consumed",
@@ -23,13 +32,18 @@ EXPECTED_FAMILIES = {
 }
 
 
+async def _webhook(service: Service, receiver: Receiver, path: str) -> dict[str, Any]:
+    status, webhook = await service.call(
+        "POST", "/webhooks", {"url": receiver.url(path), "events": ["order.created"]}
+    )
+    assert status == 201, webhook
+    return webhook  # type: ignore[no-any-return]
+
+
 async def test_metrics_after_a_delivery(
     service: Service, receiver: Receiver, amqp_url: str
 ) -> None:
-    status, webhook = await service.call(
-        "POST", "/webhooks", {"url": receiver.url("/m"), "events": ["order.created"]}
-    )
-    assert status == 201
+    webhook = await _webhook(service, receiver, "/m")
     connection = await aio_pika.connect(amqp_url)
     try:
         await publish_event(connection, "order.created", service.org, {})
@@ -56,9 +70,6 @@ async def test_metrics_after_a_delivery(
     # A fast, free endpoint gets its first attempt straight from fan-out.
     fanned_out = families["sellfern_webhooks_deliveries_published"].samples
     assert any(s.labels.get("route") == "direct" and s.value == 1 for s in fanned_out)
-    # A fast, free endpoint gets its first attempt straight from fan-out.
-    fanned_out = families["sellfern_webhooks_deliveries_published"].samples
-    assert any(s.labels.get("route") == "direct" and s.value == 1 for s in fanned_out)
     routes = {s.labels.get("route") for s in families["sellfern_webhooks_http_requests"].samples}
     assert "/api/v2/webhooks" in routes
     # Labels come from bounded sets: no endpoint id or URL in any label value.
@@ -72,10 +83,7 @@ async def test_metrics_after_a_delivery(
 async def test_one_log_line_per_attempt_without_secrets(
     service: Service, receiver: Receiver
 ) -> None:
-    status, webhook = await service.call(
-        "POST", "/webhooks", {"url": receiver.url("/l"), "events": ["order.created"]}
-    )
-    assert status == 201
+    webhook = await _webhook(service, receiver, "/l")
     with capture_logs() as logs:
         status, _ = await service.call("POST", f"/webhooks/{webhook['id']}/test")
         assert status == 200
@@ -125,3 +133,53 @@ async def test_healthz_fails_when_the_event_loop_stalls(service: Service) -> Non
     async with service.http.get(f"{service.base}/healthz") as response:
         assert response.status == 503
         assert "stalled" in (await response.json())["problem"]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging changes process-wide state; put it back for the tests after."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, previous in levels.items():
+        logging.getLogger(name).setLevel(previous)
+
+
+def test_library_logs_are_the_same_json_lines(restore_logging: None) -> None:
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    configure_logging("json", "info", stream=out)  # again: still one handler, one line each
+    logging.getLogger("aiormq.connection").warning("connection to %s lost", "broker:5672")
+    logging.getLogger("aiormq.connection").debug("below LOG_LEVEL")
+    # SQLAlchemy's INFO echoes statements with their parameters: never at LOG_LEVEL=info.
+    logging.getLogger("sqlalchemy.engine.Engine").info("INSERT ... ('whsec_x',)")
+    structlog.get_logger("sellfern_webhooks.test").info("own line", secret="whsec_y")
+
+    library, own = (json.loads(line) for line in out.getvalue().splitlines())
+    for line in (library, own):
+        stamp = datetime.fromisoformat(line.pop("timestamp"))
+        assert stamp.utcoffset() == timedelta(0)
+    assert library == {
+        "event": "connection to broker:5672 lost",
+        "level": "warning",
+        "logger": "aiormq.connection",
+    }
+    assert own == {"event": "own line", "level": "info", "secret": "[redacted]"}
+
+
+def test_library_logs_on_the_console_follow_log_level(restore_logging: None) -> None:
+    out = io.StringIO()
+    configure_logging("console", "error", stream=out)
+    logging.getLogger("aiohttp.client").warning("below LOG_LEVEL")
+    logging.getLogger("alembic.runtime.migration").error("migration %s failed", "0007")
+    (line,) = out.getvalue().splitlines()
+    assert "migration 0007 failed" in line
+    assert "alembic.runtime.migration" in line
+    assert "error" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)

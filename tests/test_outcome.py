@@ -8,6 +8,8 @@ import pytest
 
 from worker.pipeline.outcome import Response, Verdict, decide, parse_retry_after, retry_tier
 
+pytestmark = pytest.mark.unit
+
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 

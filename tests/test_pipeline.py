@@ -257,7 +257,12 @@ async def test_paused_and_deleted_endpoints_receive_nothing_new(
     assert len(receiver.at("/deleted")) == 1
     assert await service.store.events.delivery_state(event.id, paused["id"]) is None
     assert await service.store.events.delivery_state(event.id, deleted["id"]) is None
-    assert live["id"]
+    assert receiver.at("/live")[-1].headers["webhook-id"] == event.id
+
+    async def live_succeeded() -> bool:
+        return await service.store.events.delivery_state(event.id, live["id"]) == "succeeded"
+
+    await eventually(live_succeeded, what="the live endpoint's delivery recorded")
 
 
 async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncomingMessage:

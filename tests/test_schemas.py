@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from schemas.events import EVENT_TYPES, SCHEMA_FILE, EventEnvelope, envelope_json_schema
 from schemas.publish import build_event
 
+pytestmark = pytest.mark.unit
+
 
 def test_checked_in_json_schema_is_current() -> None:
     on_disk = json.loads(SCHEMA_FILE.read_text())

@@ -37,7 +37,9 @@ from tests.conftest import (
     ServiceFactory,
     fresh_postgres,
 )
+from tests.test_guard import StaticResolver
 from worker.api.ratelimit import RateLimiter
+from worker.pipeline import guard
 from worker.settings import Settings, SettingsError
 from worker.store import Store, crypto, database
 from worker.store.tables import webhooks
@@ -508,3 +510,33 @@ def test_token_bucket_table_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     clock.now += 5  # long enough for every bucket to be full again
     limiter.acquire("fresh")
     assert len(limiter) == 1
+
+
+async def test_dns_rebinding_is_caught_at_delivery(
+    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Public when the endpoint is saved, private when delivered to: blocked_address."""
+    dns = StaticResolver("93.184.216.34")
+    # The delivery session resolves through GuardedResolver(inner=DefaultResolver()); make the
+    # inner resolver this stand-in for DNS. Everything else is the running service.
+    monkeypatch.setattr(guard, "DefaultResolver", lambda: dns)
+    service = await service_factory()
+    host = "rebind.example"
+    allowed = service.running.settings.allowed_private_networks
+    await guard.check_host(host, allowed, resolver=dns)  # what the API does on save
+    webhook = await service.store.endpoints.create(
+        service.org, f"https://{host}/hook", ["order.created"], "", enabled=True
+    )
+
+    dns.answers = ["10.0.0.7"]  # the record changes after the check
+    status, attempt = await service.call("POST", f"/webhooks/{webhook.id}/test")
+    assert status == 200, attempt
+    assert attempt["success"] is False
+    assert attempt["status_code"] is None
+    assert attempt["error"]["kind"] == "blocked_address"
+    assert "10.0.0.7" in attempt["error"]["message"]
+    assert dns.asked == [host, host]  # one lookup to save, one to connect: no second one
+
+    status, listing = await service.call("GET", f"/webhooks/{webhook.id}/deliveries")
+    assert status == 200
+    assert [a["error"]["kind"] for a in listing["data"]] == ["blocked_address"]

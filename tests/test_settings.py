@@ -8,6 +8,8 @@ import pytest
 
 from worker.settings import Settings, SettingsError
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(__import__("os").environ):

@@ -10,6 +10,8 @@ import standardwebhooks
 
 from worker.pipeline import signing
 
+pytestmark = pytest.mark.unit
+
 # The published test vector of the Standard Webhooks reference libraries.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"

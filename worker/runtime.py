@@ -30,6 +30,7 @@ import structlog
 from aiohttp import web
 
 from worker.api import routes as api
+from worker.api import table
 from worker.api.appkeys import ATTEMPTS, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.api.ratelimit import RateLimiter
 from worker.ops.health import Health, health_routes
@@ -64,6 +65,7 @@ class Running:
     metrics_port: int | None = None
     health: Health | None = None
     worker: PipelineWorker | None = None
+    api_app: web.Application | None = None
 
 
 async def _start_site(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> int:
@@ -92,7 +94,7 @@ def build_api_app(
     app[ATTEMPTS] = attempts
     app[NOTIFIER] = notifier
     app[api.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-    api.add_routes(app)
+    table.add_routes(app)
     app.router.add_routes(health_routes(health, metrics))
     return app
 
@@ -157,7 +159,7 @@ async def run(
 
         if role in ("api", "serve"):
             attempts = ManualAttempts(store, sender, effects)
-            app = build_api_app(
+            app = running.api_app = build_api_app(
                 settings, store, metrics, attempts, ChangeNotifier(topo), health
             )
             running.api_port = await _start_site(stack, app, settings.api_host, settings.api_port)

@@ -1,123 +1,122 @@
-"""The OpenAPI 3.1 document, generated from the pydantic models that validate requests."""
+"""The OpenAPI 3.1 document, generated from the route table and the pydantic models.
+
+Nothing here names a path or a model of its own: the document is a rendering of
+:data:`worker.api.table.ROUTES` and of :data:`schemas.api.ERROR_CODES`.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas import api as models
 from worker import __version__
 
+if TYPE_CHECKING:
+    from worker.api.table import Route
+
 _REF = "#/components/schemas/{model}"
-_MODELS: tuple[type[BaseModel], ...] = (
-    models.WebhookCreate,
-    models.WebhookUpdate,
-    models.Webhook,
-    models.WebhookWithSecret,
-    models.WebhookList,
-    models.Attempt,
-    models.AttemptList,
-    models.ErrorResponse,
-)
-_ERRORS = {
-    "400": "validation_error: the request is malformed or names something unknown.",
-    "401": "invalid_token: no token, or an unknown or revoked one.",
-    "403": "missing_scope: the token lacks webhooks:manage.",
-    "405": "method_not_allowed",
-    "413": "payload_too_large: the body is over 64 KiB.",
-    "429": "rate_limited: too many requests for this token; see Retry-After.",
-    "500": "internal_error",
+_PATH_PARAMETER = re.compile(r"{(\w+)}")
+# Path parameters are resource ids, looked up as given; an unknown one is a 404.
+_ID_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 40}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before the next request with this token.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
 }
-
-
 # Request examples: documentation for readers, and the first cases a fuzzer tries.
-_BODY_EXAMPLES: dict[str, dict[str, Any]] = {
-    "WebhookCreate": {
+_BODY_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
+    models.WebhookCreate: {
         "url": "https://example.com/webhooks",
         "events": ["order.created", "order.status_changed"],
         "description": "ERP",
     },
-    "WebhookUpdate": {"events": ["order.created"], "enabled": False},
+    models.WebhookUpdate: {"events": ["order.created"], "enabled": False},
 }
+_Refs = dict[type[BaseModel], dict[str, Any]]
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _REF.format(model=name)}
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
 
 
-def _content(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": _ref(name)}}
+def _components(routes: Sequence[Route]) -> tuple[_Refs, dict[str, Any]]:
+    """The ``$ref`` of each model, and the component schemas they point to."""
+    wanted: dict[type[BaseModel], JsonSchemaMode] = {}
+    for route in routes:
+        if route.request_model is not None:
+            wanted[route.request_model] = "validation"
+    for route in routes:
+        if route.response_model is not None:
+            wanted.setdefault(route.response_model, "serialization")
+    wanted.setdefault(models.ErrorResponse, "serialization")
+    refs, schemas = models_json_schema(list(wanted.items()), ref_template=_REF)
+    return {model: refs[(model, mode)] for model, mode in wanted.items()}, schemas["$defs"]
 
 
-def _operation(
-    summary: str,
-    status: str,
-    response: str | None,
-    *,
-    body: str | None = None,
-    params: list[dict[str, Any]] | None = None,
-    not_found: bool = True,
-) -> dict[str, Any]:
-    responses: dict[str, Any] = {
-        status: {"description": summary, **({"content": _content(response)} if response else {})}
-    }
-    for code, text in _ERRORS.items():
-        if code == "413" and body is None:
-            continue
-        responses[code] = {"description": text, "content": _content("Error")}
-        if code == "429":
-            responses[code]["headers"] = {
-                "Retry-After": {
-                    "description": "Seconds to wait before the next request with this token.",
-                    "required": True,
-                    "schema": {"type": "integer", "minimum": 1},
-                }
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        # A query parameter is absent rather than null; its default is the model's business.
+        variants = [v for v in field.get("anyOf", [field]) if v.get("type") != "null"]
+        (value,) = variants
+        value = {k: v for k, v in value.items() if k not in ("title", "default")}
+        parameters.append(
+            {"name": name, "in": "query", "required": name in required, "schema": value}
+        )
+    return parameters
+
+
+def _responses(route: Route, refs: _Refs) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": route.summary}
+    if route.response_model is not None:
+        success["content"] = _content(refs[route.response_model])
+    responses: dict[str, Any] = {str(route.success_status): success}
+    for error in models.ERROR_CODES:
+        if error.every_call or error.code in route.error_codes:
+            responses[str(error.status)] = {
+                "description": f"{error.code}: {error.when}",
+                "content": _content(refs[models.ErrorResponse]),
+                **({"headers": _RETRY_AFTER} if error.code == "rate_limited" else {}),
             }
-    if not_found:
-        responses["404"] = {"description": "not_found", "content": _content("Error")}
-    operation: dict[str, Any] = {"summary": summary, "responses": responses}
-    if body:
-        content = _content(body)
-        if body in _BODY_EXAMPLES:
-            content["application/json"]["example"] = _BODY_EXAMPLES[body]
+    return responses
+
+
+def _operation(route: Route, refs: _Refs) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": route.summary, "responses": _responses(route, refs)}
+    if route.request_model is not None:
+        content = _content(refs[route.request_model])
+        if route.request_model in _BODY_EXAMPLES:
+            content["application/json"]["example"] = _BODY_EXAMPLES[route.request_model]
         operation["requestBody"] = {"required": True, "content": content}
-    if params:
-        operation["parameters"] = params
+    if route.query_model is not None:
+        operation["parameters"] = _query_parameters(route.query_model)
     return operation
 
 
-def _param(name: str, where: str, schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": required, "schema": schema}
-
-
-_WEBHOOK_ID = _param("webhook_id", "path", {"type": "string", "maxLength": 40}, required=True)
-_PAGING = [
-    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}, required=False),
-    _param("cursor", "query", {"type": "string", "maxLength": 100}, required=False),
-]
-
-
 @functools.cache
-def openapi_document() -> dict[str, Any]:
-    _, schemas = models_json_schema(
-        [
-            (
-                m,
-                "serialization"
-                if "Create" not in m.__name__ and "Update" not in m.__name__
-                else "validation",
-            )
-            for m in _MODELS
-        ],
-        ref_template=_REF,
-    )
-    status_param = _param(
-        "status", "query", {"type": "string", "enum": ["succeeded", "failed"]}, required=False
-    )
-    attempt_id = _param("attempt_id", "path", {"type": "string", "maxLength": 40}, required=True)
+def openapi_document(routes: tuple[Route, ...], base: str) -> dict[str, Any]:
+    """The document of ``routes``, served below ``base``."""
+    refs, schemas = _components(routes)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        item = paths.setdefault(route.path, {})
+        names = _PATH_PARAMETER.findall(route.path)
+        if names:
+            item["parameters"] = [
+                {"name": name, "in": "path", "required": True, "schema": dict(_ID_SCHEMA)}
+                for name in names
+            ]
+        item[route.method.lower()] = _operation(route, refs)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -125,59 +124,11 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": "Register HTTPS endpoints for Sellfern events and inspect deliveries.",
         },
-        "servers": [{"url": "/api/v2"}],
+        "servers": [{"url": base}],
         "security": [{"bearer": []}],
         "components": {
-            "schemas": schemas["$defs"],
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/webhooks": {
-                "post": _operation(
-                    "Register an endpoint",
-                    "201",
-                    "WebhookWithSecret",
-                    body="WebhookCreate",
-                    not_found=False,
-                ),
-                "get": _operation(
-                    "List endpoints, newest first",
-                    "200",
-                    "WebhookList",
-                    params=_PAGING,
-                    not_found=False,
-                ),
-            },
-            "/webhooks/{webhook_id}": {
-                "parameters": [_WEBHOOK_ID],
-                "get": _operation("Get an endpoint", "200", "Webhook"),
-                "patch": _operation("Update an endpoint", "200", "Webhook", body="WebhookUpdate"),
-                "delete": _operation("Delete an endpoint; deliveries stop at once", "204", None),
-            },
-            "/webhooks/{webhook_id}/test": {
-                "parameters": [_WEBHOOK_ID],
-                "post": _operation("Send a signed webhook.test event now", "200", "Attempt"),
-            },
-            "/webhooks/{webhook_id}/rotate-secret": {
-                "parameters": [_WEBHOOK_ID],
-                "post": _operation(
-                    "Issue a new secret; the old one signs for 24 more hours",
-                    "200",
-                    "WebhookWithSecret",
-                ),
-            },
-            "/webhooks/{webhook_id}/deliveries": {
-                "parameters": [_WEBHOOK_ID],
-                "get": _operation(
-                    "Delivery attempts, newest first",
-                    "200",
-                    "AttemptList",
-                    params=[*_PAGING, status_param],
-                ),
-            },
-            "/webhooks/{webhook_id}/deliveries/{attempt_id}/retry": {
-                "parameters": [_WEBHOOK_ID, attempt_id],
-                "post": _operation("Redeliver that attempt's event now", "200", "Attempt"),
-            },
-        },
+        "paths": paths,
     }

@@ -1,4 +1,4 @@
-"""The management API, ``/api/v2``: endpoints, their delivery attempts, tests and redelivery."""
+"""The management API, ``/api/v2``: its handlers and middlewares (routes: :mod:`.table`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from yarl import URL
 
 from schemas import api as models
 from worker.api.appkeys import ATTEMPTS, METRICS, NOTIFIER, SETTINGS, STORE
-from worker.api.openapi import openapi_document
 from worker.api.ratelimit import RateLimiter
 from worker.pipeline import guard
 from worker.store.records import Attempt, Token, Webhook
 
 BASE = "/api/v2"
+OPENAPI_PATH = f"{BASE}/openapi.json"
 MAX_BODY_BYTES = 64 * 1024
 REQUIRED_SCOPE = "webhooks:manage"
 SECRET_ROTATION_OVERLAP = timedelta(hours=24)
@@ -35,16 +35,20 @@ log = structlog.get_logger("sellfern_webhooks.api")
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}``."""
+    """An error answered as ``{"error": {"code", "message"}}``, a row of ``ERROR_CODES``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
+        if models.ERRORS_BY_CODE[code].status != status:
+            raise ValueError(f"{code} is answered with {models.ERRORS_BY_CODE[code].status}")
         self.status = status
         self.code = code
         self.message = message
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
+def error_response(code: str, message: str) -> web.Response:
+    """The error body of ``code``, with the status the error table gives it."""
+    status = models.ERRORS_BY_CODE[code].status
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
@@ -71,16 +75,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.code, exc.message)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(
-            413, "payload_too_large", f"request body is over {MAX_BODY_BYTES} bytes"
-        )
+        return error_response("payload_too_large", f"request body is over {MAX_BODY_BYTES} bytes")
     except web.HTTPNotFound:
-        return error_response(404, "not_found", f"no route {request.path}")
+        return error_response("not_found", f"no route {request.path}")
     except web.HTTPMethodNotAllowed as exc:
         return error_response(
-            405,
             "method_not_allowed",
             f"{request.method} not allowed; use {sorted(exc.allowed_methods)}",
         )
@@ -88,7 +89,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:
         log.exception("request failed", method=request.method, path=request.path)
-        return error_response(500, "internal_error", "internal error; it has been logged")
+        return error_response("internal_error", "internal error; it has been logged")
 
 
 @web.middleware
@@ -117,7 +118,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
     Each token is rate limited (429 ``rate_limited`` with ``Retry-After``) once it is known.
     """
-    if not request.path.startswith(BASE) or request.path == f"{BASE}/openapi.json":
+    if not request.path.startswith(BASE) or request.path == OPENAPI_PATH:
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
@@ -129,7 +130,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     wait = request.app[RATE_LIMITER].acquire(token.id)
     if wait > 0:
         response = error_response(
-            429, "rate_limited", "too many requests for this token; retry after Retry-After"
+            "rate_limited", "too many requests for this token; retry after Retry-After"
         )
         response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return response
@@ -348,25 +349,6 @@ async def retry_delivery(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "the event is no longer retained")
     attempt = await request.app[ATTEMPTS].redeliver(webhook, event)
     return _json(attempt_resource(attempt))
-
-
-async def serve_openapi(_request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post(f"{BASE}/webhooks", create_webhook)
-    app.router.add_get(f"{BASE}/webhooks", list_webhooks)
-    app.router.add_get(f"{BASE}/webhooks/{{webhook_id}}", get_webhook)
-    app.router.add_patch(f"{BASE}/webhooks/{{webhook_id}}", update_webhook)
-    app.router.add_delete(f"{BASE}/webhooks/{{webhook_id}}", delete_webhook)
-    app.router.add_post(f"{BASE}/webhooks/{{webhook_id}}/test", test_webhook)
-    app.router.add_post(f"{BASE}/webhooks/{{webhook_id}}/rotate-secret", rotate_secret)
-    app.router.add_get(f"{BASE}/webhooks/{{webhook_id}}/deliveries", list_deliveries)
-    app.router.add_post(
-        f"{BASE}/webhooks/{{webhook_id}}/deliveries/{{attempt_id}}/retry", retry_delivery
-    )
-    app.router.add_get(f"{BASE}/openapi.json", serve_openapi)
 
 
 def api_middlewares() -> list[Any]:

@@ -2,15 +2,25 @@
 
 Configured once at the entry point. Context such as ``event_id``, ``webhook_id`` and
 ``attempt`` is bound through contextvars, so every line of one delivery carries it.
+
+Libraries log through the standard library; one handler on the root logger renders their
+records with the same processors and renderer, plus the name of the logger (``logger``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
+# Libraries whose standard-library loggers follow LOG_LEVEL (their children with them).
+LIBRARY_LOGGERS = ("aiormq", "aio_pika", "aiohttp", "alembic", "sqlalchemy", "asyncio")
+# SQLAlchemy's INFO and DEBUG echo every statement with its bound parameters, which carry
+# secrets and payloads: below WARNING it stays off whatever LOG_LEVEL says.
+_FLOORS = {"sqlalchemy": logging.WARNING}
+_HANDLER_NAME = "sellfern_webhooks"
 _SECRET_KEYS = frozenset(
     {
         "secret",
@@ -33,26 +43,53 @@ def redact_secrets(
     return event_dict
 
 
-def configure_logging(log_format: str, level: str) -> None:
+def configure_logging(log_format: str, level: str, stream: TextIO | None = None) -> None:
+    """Render structlog and standard-library logging as one stream; safe to call again."""
+    out = stream if stream is not None else sys.stderr
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
     structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+    _route_standard_logging(out, threshold, shared, renderer)
+
+
+def _route_standard_logging(
+    out: TextIO,
+    threshold: int,
+    shared: list[structlog.typing.Processor],
+    renderer: structlog.typing.Processor,
+) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
     )
-    # Libraries log through the standard library; keep their warnings, in the same stream.
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s %(message)s")
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    # Loggers of other libraries keep to warnings, as before; those we know follow LOG_LEVEL.
+    root.setLevel(max(threshold, logging.WARNING))
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(threshold, _FLOORS.get(name, logging.NOTSET)))

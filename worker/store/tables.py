@@ -112,7 +112,7 @@ deliveries = sa.Table(
     sa.Column("event_id", sa.String(100), primary_key=True),
     sa.Column("webhook_id", sa.String(40), primary_key=True),
     # pending | succeeded | failed, or parked: waiting here, not in the broker, until its
-    # slow endpoint has room (see worker.parking).
+    # slow endpoint has room (see worker.pipeline.parking).
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("next_attempt_at", UTCDateTime),
