@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.pipeline.outcome import Response, Verdict, decide, parse_retry_after, retry_tier
+from worker.pipeline.outcome import (
+    Response,
+    Verdict,
+    decide,
+    jitter_tiers,
+    parse_retry_after,
+    retry_tier,
+    spread,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +74,28 @@ def test_retry_tier_bounds() -> None:
     assert retry_tier(SCHEDULE, 0, None) is None
     assert retry_tier((), 1, None) is None
     assert retry_tier((1.0, 2.0), 2, 1.5) == 2.0
+
+
+def test_jitter_tiers_surround_the_delay() -> None:
+    assert jitter_tiers(5.0, 0.2) == (4.0, 4.5, 5.0, 5.5, 6.0)
+    assert jitter_tiers(300.0, 0.1) == (270.0, 285.0, 300.0, 315.0, 330.0)
+    assert jitter_tiers(5.0, 0.0) == (5.0,)
+
+
+@pytest.mark.parametrize(
+    ("draw", "expected"), [(0.0, 4.0), (0.19, 4.0), (0.2, 4.5), (0.5, 5.0), (0.99, 6.0)]
+)
+def test_spread_picks_a_tier_uniformly(draw: float, expected: float) -> None:
+    assert spread(5.0, 0.2, draw) == expected
+
+
+def test_spread_never_undercuts_retry_after() -> None:
+    assert spread(5.0, 0.2, 0.0, at_least=5.2) == 5.5
+    assert spread(5.0, 0.2, 0.0, at_least=9.0) == 6.0  # none covers it: the longest
+
+
+def test_decide_spreads_a_retry_but_honours_retry_after() -> None:
+    low = decide(Response(500), 1, SCHEDULE, NOW, jitter=0.2, draw=0.0)
+    assert low.next_delay == 4.0
+    limited = decide(Response(429, retry_after="5"), 1, SCHEDULE, NOW, jitter=0.2, draw=0.0)
+    assert limited.next_delay == 5.0

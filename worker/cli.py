@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from schemas.events import EVENT_TYPES, ORGANIZATION_ID_PATTERN
 from schemas.publish import PublishError, connect, publish_event
 from worker import __version__, runtime
+from worker.ops import dead_letters, listen
 from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
 from worker.store import Store, crypto, database
@@ -67,6 +68,31 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--org", required=True, help="organization id, e.g. org_acme")
     publish.add_argument("--data", required=True, help="the event's data, a JSON object")
     publish.add_argument("--id", dest="event_id", help="event id (default: a new evt_…)")
+
+    dead = commands.add_parser("dead", help="inspect and redrive webhooks.dead").add_subparsers(
+        dest="dead_command", required=True, metavar="ACTION"
+    )
+    dead_list = dead.add_parser("list", help="what waits in webhooks.dead; takes nothing out")
+    redrive = dead.add_parser("redrive", help="move dead messages back where they came from")
+    for action, limit in ((dead_list, 100), (redrive, None)):
+        action.add_argument("--reason", help="only messages with this reason, e.g. exhausted")
+        action.add_argument(
+            "--limit",
+            type=dead_letters.limit_arg,
+            default=limit,
+            help=f"at most N matching messages (default: {limit or 'all'})",
+        )
+    redrive.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
+
+    receive = commands.add_parser("listen", help="a local receiver that prints each webhook")
+    receive.add_argument(
+        "--port",
+        type=listen.port_arg,
+        default=listen.DEFAULT_PORT,
+        help=f"on 127.0.0.1 (default {listen.DEFAULT_PORT}; 0: any free one)",
+    )
+    receive.add_argument("--secret", type=listen.secret_arg, help="whsec_… to verify with")
+    receive.add_argument("--tls", action="store_true", help="https, self-signed certificate")
     return parser
 
 
@@ -164,6 +190,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings, box: crypto.SecretBo
         return asyncio.run(_migrate(settings))
     if args.command == "token":
         return asyncio.run(_token(args, settings))
+    if args.command == "dead":
+        return asyncio.run(dead_letters.run(
+            args.dead_command, settings.amqp_url, sys.stdout, sys.stderr, reason=args.reason,
+            limit=args.limit, dry_run=getattr(args, "dry_run", False),
+        ))  # fmt: skip
+    if args.command == "listen":
+        asyncio.run(listen.serve(sys.stdout, port=args.port, secret=args.secret, tls=args.tls))
+        return 0
     return asyncio.run(_publish(args, settings))
 
 

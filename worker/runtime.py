@@ -147,7 +147,9 @@ async def run(
         stack.push_async_callback(connection.close)
         publish_channel = await connection.channel(publisher_confirms=True)
         stack.push_async_callback(publish_channel.close)
-        topo = await topology.declare(publish_channel, settings.retry_schedule)
+        topo = await topology.declare(
+            publish_channel, settings.retry_schedule, settings.retry_jitter
+        )
 
         session = create_session(settings)
         stack.push_async_callback(session.close)

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         36000,
         36000,
     )
+    # Each retry delay is spread by up to this fraction either way, so that a burst that
+    # failed together does not come back together (a few fixed-TTL tiers around each delay).
+    retry_jitter: float = Field(default=0.2, ge=0, lt=1)
     delivery_timeout: float = Field(default=15, gt=0, le=300)
     ca_bundle: str | None = None
     allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()

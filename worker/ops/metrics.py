@@ -64,6 +64,15 @@ class Metrics:
             "parked_released", "Parked deliveries released to the deliveries queue.",
             namespace=NAMESPACE, registry=r,
         )  # fmt: skip
+        self.recoveries_running = Gauge(
+            "recoveries_running", "Recoveries under way, all workers' (as this worker last saw).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.deliveries_recovered = Counter(
+            "deliveries_recovered",
+            "Deliveries a recovery put back in line to be sent again (parked, then released).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
         self.deferred = Counter(
             "deliveries_deferred", "Tasks put back: their endpoint was at its concurrency cap.",
             namespace=NAMESPACE, registry=r,

@@ -10,6 +10,7 @@ so the attempt is committed and any retry confirmed by then.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
@@ -126,6 +127,7 @@ class AttemptRunner:
         effects: AttemptEffects,
         metrics: Metrics,
         retry_schedule: tuple[float, ...],
+        retry_jitter: float,
     ) -> None:
         self._sender = sender
         self._scheduler = scheduler
@@ -134,6 +136,7 @@ class AttemptRunner:
         self._effects = effects
         self._metrics = metrics
         self._retry_schedule = retry_schedule
+        self._retry_jitter = retry_jitter
         # Concurrent attempts read their endpoints in one query; each still reads after it
         # started, so a PATCH enabled=false or a DELETE that returned before is seen.
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
@@ -170,7 +173,10 @@ class AttemptRunner:
         """Record the attempt and, on a retryable failure, schedule the next one — both
         durable before the caller acks."""
         now = utcnow()
-        decision = decide(sent.response, task.attempt, self._retry_schedule, now)
+        decision = decide(
+            sent.response, task.attempt, self._retry_schedule, now,
+            self._retry_jitter, random.random(),  # noqa: S311 - spreading load, not secrecy
+        )  # fmt: skip
         attempt = build_attempt(webhook, task.event, task.attempt, sent, decision)
         next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
         durable: list[Awaitable[None]] = [

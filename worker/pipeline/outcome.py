@@ -66,9 +66,41 @@ def retry_tier(schedule: Sequence[float], attempt: int, retry_after: float | Non
     return delay
 
 
-def decide(response: Response, attempt: int, schedule: Sequence[float], now: datetime) -> Decision:
+# Tiers around each scheduled delay: with the default jitter of 0.2, at 0.8, 0.9, 1, 1.1 and
+# 1.2 times it. Each tier is a quorum queue, so their number is kept small.
+JITTER_STEPS = 5
+
+
+def jitter_tiers(delay: float, jitter: float) -> tuple[float, ...]:
+    """The delays a retry scheduled ``delay`` from now may take, from ``delay * (1 - jitter)``
+    to ``delay * (1 + jitter)`` (to the millisecond, as the queues' TTLs are)."""
+    if jitter <= 0:
+        return (delay,)
+    steps = [-jitter + 2 * jitter * i / (JITTER_STEPS - 1) for i in range(JITTER_STEPS)]
+    return tuple(sorted({round(delay * (1 + step), 3) for step in steps}))
+
+
+def spread(delay: float, jitter: float, draw: float, at_least: float | None = None) -> float:
+    """One of :func:`jitter_tiers` chosen by ``draw`` (uniform in [0, 1)); never below
+    ``at_least`` (a receiver's Retry-After) when a tier covers it."""
+    tiers = jitter_tiers(delay, jitter)
+    if at_least is not None:
+        tiers = tuple(t for t in tiers if t >= at_least) or (tiers[-1],)
+    return tiers[min(int(draw * len(tiers)), len(tiers) - 1)]
+
+
+def decide(
+    response: Response,
+    attempt: int,
+    schedule: Sequence[float],
+    now: datetime,
+    jitter: float = 0.0,
+    draw: float = 0.5,
+) -> Decision:
     """Classify one attempt per the outcome rules: 2xx succeeds, 3xx fails (never followed),
-    410 disables, 429/503 honour Retry-After, everything else retries on the schedule."""
+    410 disables, 429/503 honour Retry-After, everything else retries on the schedule, each
+    delay spread by ``jitter`` (``draw`` picks where: uniform in [0, 1), random in the worker,
+    given in tests)."""
     status = response.status
     if status is not None and 200 <= status < 300:
         return Decision(Verdict.SUCCEEDED, None, None, None)
@@ -86,4 +118,4 @@ def decide(response: Response, attempt: int, schedule: Sequence[float], now: dat
     delay = retry_tier(schedule, attempt, retry_after)
     if delay is None:
         return Decision(Verdict.FAILED, kind, message, None)
-    return Decision(Verdict.RETRY, kind, message, delay)
+    return Decision(Verdict.RETRY, kind, message, spread(delay, jitter, draw, retry_after))

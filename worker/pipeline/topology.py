@@ -21,6 +21,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from worker.pipeline.outcome import jitter_tiers
+
 EVENTS_EXCHANGE = "sellfern.events"
 CHANGES_EXCHANGE = "webhooks.changes"
 EVENTS_QUEUE = "webhooks.events"
@@ -90,8 +92,13 @@ class Topology:
         ]
 
 
-async def declare(channel: AbstractChannel, retry_schedule: Sequence[float]) -> Topology:
-    """Declare exchanges and queues; safe to run any number of times by any process."""
+async def declare(
+    channel: AbstractChannel, retry_schedule: Sequence[float], retry_jitter: float = 0.0
+) -> Topology:
+    """Declare exchanges and queues; safe to run any number of times by any process.
+
+    Every retry delay gets its tiers around it (:func:`worker.pipeline.outcome.jitter_tiers`).
+    """
     events_exchange = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -110,7 +117,8 @@ async def declare(channel: AbstractChannel, retry_schedule: Sequence[float]) -> 
     for delay in DEFER_TIERS:
         await _declare_delay_queue(channel, deferred_queue_name(delay), delay)
     retry_queues: dict[float, str] = {}
-    for delay in sorted(set(retry_schedule)):
+    tiers = {tier for delay in retry_schedule for tier in jitter_tiers(delay, retry_jitter)}
+    for delay in sorted(tiers):
         retry_queues[delay] = await _declare_delay_queue(channel, retry_queue_name(delay), delay)
     return Topology(
         events_exchange=events_exchange,

@@ -7,7 +7,8 @@ in an order that loses nothing:
 2. drain the handlers under way, up to a bound kept below Kubernetes'
    ``terminationGracePeriodSeconds`` (a handler cancelled then rejects its message back to
    its queue, to be redone);
-3. stop the background loops (parked sweeper, pruning, queue poll, scheduler review);
+3. stop the background loops (parked sweeper, recoveries, pruning, queue poll, scheduler
+   review);
 4. flush the batch writer, so every attempt handled is committed;
 5. close the consumers' channels, once every message on them is settled.
 
@@ -35,6 +36,7 @@ from worker.pipeline.fanout import FanOut
 from worker.pipeline.matcher import EndpointMatcher
 from worker.pipeline.parking import ParkingSweeper
 from worker.pipeline.publisher import Publisher, TaskQueue
+from worker.pipeline.recovery import RecoveryRunner
 from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.sender import Sender
 from worker.pipeline.settle import Settler
@@ -98,7 +100,7 @@ class PipelineWorker:
         tasks = TaskQueue(self._publisher, scheduler)
         runner = AttemptRunner(
             store, self._sender, scheduler, self._publisher, self._writer, self._effects,
-            metrics, settings.retry_schedule,
+            metrics, settings.retry_schedule, settings.retry_jitter,
         )  # fmt: skip
         matcher = EndpointMatcher(store)
         fanout = FanOut(
@@ -124,6 +126,7 @@ class PipelineWorker:
         retention = timedelta(days=settings.retention_days)
         self._spawn(self._poll_queues(poll_channel), "queue-poll")
         self._spawn(sweeper.run(), "parking")
+        self._spawn(RecoveryRunner(store, scheduler, metrics).run(), "recovery")
         self._spawn(self._prune_periodically(retention), "prune")
         self._spawn(self._review(), "scheduler-review")
 

@@ -34,6 +34,15 @@ class ParkedDeliveries:
         async with self._engine.connect() as connection:
             return {row.webhook_id: row.parked for row in await connection.execute(query)}
 
+    async def count(self, webhook_id: str) -> int:
+        """How many deliveries of one endpoint are parked (the partial index over parked rows
+        answers it)."""
+        query = sa.select(sa.func.count()).where(
+            deliveries.c.state == "parked", deliveries.c.webhook_id == webhook_id
+        )
+        async with self._engine.connect() as connection:
+            return int((await connection.execute(query)).scalar_one())
+
     @asynccontextmanager
     async def claim(
         self, webhook_id: str, limit: int

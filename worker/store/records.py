@@ -107,3 +107,62 @@ def page_of(items: list[T], limit: int, cursor_of: Callable[[T], str]) -> Page[T
     has_more = len(items) > limit
     items = items[:limit]
     return Page(items, has_more, cursor_of(items[-1]) if has_more and items else None)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as received: its envelope's fields and when this service received it."""
+
+    id: str
+    type: str
+    occurred_at: datetime
+    received_at: datetime
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivery:
+    """An event's delivery to one endpoint, with its latest attempt."""
+
+    webhook_id: str
+    state: DeliveryState
+    attempts: int
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """One endpoint's health over ``[since, until]`` (see :mod:`worker.store.stats`)."""
+
+    since: datetime
+    until: datetime
+    succeeded: int
+    failed: int
+    p50_ms: float | None
+    p95_ms: float | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    pending: int
+    parked: int
+
+
+RecoveryStatus = Literal["failed", "all"]
+RecoveryState = Literal["running", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    id: str
+    org_id: str
+    webhook_id: str
+    since: datetime
+    until: datetime
+    until_given: bool
+    status: RecoveryStatus
+    state: RecoveryState
+    total: int
+    queued: int
+    created_at: datetime
+    finished_at: datetime | None

@@ -103,6 +103,9 @@ events = sa.Table(
     sa.Column("occurred_at", UTCDateTime, nullable=False),
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+    # GET /events: an organization's events newest first, keyset on (received_at, id).
+    sa.Index("ix_events_org_id_received_at_id", "org_id", "received_at", "id"),
+    sa.Index("ix_events_org_id_type_received_at_id", "org_id", "type", "received_at", "id"),
 )
 
 # One row per (event, endpoint): the idempotency key of a delivery.
@@ -126,6 +129,10 @@ deliveries = sa.Table(
         postgresql_where=sa.text("state = 'parked'"),
         sqlite_where=sa.text("state = 'parked'"),
     ),
+    # Stats' backlog: counts by state of one endpoint.
+    sa.Index("ix_deliveries_webhook_id_state", "webhook_id", "state"),
+    # Recoveries: one endpoint's deliveries in a window, keyset on (created_at, event_id).
+    sa.Index("ix_deliveries_webhook_id_created_at_event_id", "webhook_id", "created_at", "event_id"),
 )
 
 attempts = sa.Table(
@@ -145,4 +152,33 @@ attempts = sa.Table(
     sa.Column("response_body", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False, index=True),
     sa.Index("ix_attempts_webhook_id_id", "webhook_id", "id"),
+    # Stats: one endpoint's attempts in a time window.
+    sa.Index("ix_attempts_webhook_id_created_at", "webhook_id", "created_at"),
+    # An event's attempts (GET /events/{id}), and the event_id filter of the deliveries list.
+    sa.Index("ix_attempts_event_id_webhook_id", "event_id", "webhook_id"),
+)
+
+# POST /webhooks/{id}/recover: a window of an endpoint's deliveries, parked again batch by
+# batch (worker.store.recoveries). The cursor is the (created_at, event_id) of the last
+# delivery parked, so a recovery resumes exactly where it was after a crash.
+recoveries = sa.Table(
+    "recoveries",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("webhook_id", sa.String(40), nullable=False),
+    sa.Column("since", UTCDateTime, nullable=False),
+    sa.Column("until", UTCDateTime, nullable=False),
+    # False when the request gave no until (it is then the creation time).
+    sa.Column("until_given", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # failed | all
+    sa.Column("state", sa.String(16), nullable=False),  # running | done
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("queued", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cursor_created_at", UTCDateTime),
+    sa.Column("cursor_event_id", sa.String(100)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Index("ix_recoveries_webhook_id_state", "webhook_id", "state"),
+    sa.Index("ix_recoveries_state", "state"),
 )
