@@ -310,3 +310,46 @@ async def test_guarded_resolver_refuses_denied_answers() -> None:
         await resolver.resolve("name.example", 443)
     with pytest.raises(guard.BlockedAddressError):
         await resolver.resolve("2130706433", 443)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "LOCALHOST.",
+        "api.localhost",
+        "Printer.Local",
+        "kubernetes.default.svc.cluster.local.",
+        "metadata.google.internal",
+        "METADATA.GOOGLE.INTERNAL.",
+        "router.home.arpa",
+        "1.0.0.127.in-addr.arpa",
+        "kubernetes.default.svc",
+        "metadata",
+        "nothing.invalid",
+        "hidden.onion",
+        "box.localdomain",
+    ],
+)
+async def test_special_use_names_are_refused_however_spelled(host: str) -> None:
+    assert guard.special_use(host) is not None
+    # Refused even when the name resolves to a public address today.
+    with pytest.raises(guard.BlockedAddressError, match=r"special-use|single-label"):
+        await guard.check_host(host, (), resolver=StaticResolver("93.184.216.34"))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["example.com", "hooks.example.com.", "localhost.example.com", "internal.example.org"],
+)
+def test_ordinary_names_are_not_special_use(host: str) -> None:
+    assert guard.special_use(host) is None
+
+
+async def test_a_special_use_name_inside_allowed_private_networks_is_accepted() -> None:
+    allowed = (ipaddress.ip_network("127.0.0.0/8"),)
+    await guard.check_host("localhost", allowed, resolver=StaticResolver("127.0.0.1"))
+    with pytest.raises(guard.BlockedAddressError):
+        await guard.check_host("localhost", allowed, resolver=StaticResolver("10.0.0.1"))
+    with pytest.raises(guard.BlockedAddressError):
+        await guard.check_host("db.internal", allowed, resolver=StaticResolver())

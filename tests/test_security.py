@@ -540,3 +540,18 @@ async def test_dns_rebinding_is_caught_at_delivery(
     status, listing = await service.call("GET", f"/webhooks/{webhook.id}/deliveries")
     assert status == 200
     assert [a["error"]["kind"] for a in listing["data"]] == ["blocked_address"]
+
+
+@pytest.mark.parametrize("host", ["LOCALHOST.", "metadata.google.internal", "nas.local"])
+async def test_special_use_host_names_are_refused_at_creation(
+    service_factory: ServiceFactory, host: str
+) -> None:
+    service = await service_factory(allowed_private_networks="10.99.0.0/16")
+    status, body = await service.call(
+        "POST", "/webhooks", {"url": f"https://{host}/h", "events": ["order.created"]}
+    )
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
+    assert body["error"]["message"].startswith("url: not publicly reachable")
+    status, listing = await service.call("GET", "/webhooks")
+    assert listing["data"] == []

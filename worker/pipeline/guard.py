@@ -147,6 +147,39 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+# Names that never denote a public host, whatever DNS says of them today: loopback and
+# link-local names, private-use and cluster-internal suffixes, reverse-lookup zones.
+SPECIAL_USE_NAMES = frozenset({"localhost"})
+SPECIAL_USE_SUFFIXES = (
+    ".localhost",  # RFC 6761
+    ".local",  # mDNS (RFC 6762), and Kubernetes' cluster.local
+    ".localdomain",
+    ".internal",  # private use (ICANN 2024), metadata.google.internal
+    ".home.arpa",  # RFC 8375
+    ".arpa",  # reverse-lookup zones
+    ".svc",  # Kubernetes services through the search path
+    ".invalid",  # RFC 6761
+    ".onion",  # RFC 7686
+)
+
+
+def special_use(host: str) -> str | None:
+    """Why ``host`` is a special-use name, or None. Any letter case, with or without the
+    trailing dot of a fully qualified name; a single label (``metadata``, ``kubernetes``) is
+    one too, since the resolver's search path makes it a local name."""
+    name = host.lower().rstrip(".")
+    if parse_ip_literal(name) is not None:
+        return None
+    if name in SPECIAL_USE_NAMES:
+        return f"{name} is a special-use name"
+    for suffix in SPECIAL_USE_SUFFIXES:
+        if name.endswith(suffix):
+            return f"names under {suffix} are special-use"
+    if "." not in name:
+        return "a single-label name resolves through the local search path"
+    return None
+
+
 async def check_host(
     host: str,
     allowed: Sequence[IPNetwork],
@@ -165,18 +198,49 @@ async def check_host(
     if literal is not None:
         check_addresses(host, [str(literal)], allowed)
         return
+    reason = special_use(host)
+    if reason is not None:
+        await _check_special_use(host, reason, allowed, resolve_timeout, resolver)
+        return
     try:
-        if resolver is not None:
-            results = await asyncio.wait_for(
-                resolver.resolve(host, 443, socket.AF_UNSPEC), resolve_timeout
-            )
-            addresses = [r["host"] for r in results]
-        else:
-            loop = asyncio.get_running_loop()
-            infos: list[Any] = await asyncio.wait_for(
-                loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), resolve_timeout
-            )
-            addresses = [str(info[4][0]) for info in infos]
+        addresses = await _resolve(host, resolve_timeout, resolver)
     except (OSError, TimeoutError):
         return
     check_addresses(host, addresses, allowed)
+
+
+async def _resolve(
+    host: str, resolve_timeout: float, resolver: AbstractResolver | None
+) -> list[str]:
+    if resolver is not None:
+        results = await asyncio.wait_for(
+            resolver.resolve(host, 443, socket.AF_UNSPEC), resolve_timeout
+        )
+        return [r["host"] for r in results]
+    loop = asyncio.get_running_loop()
+    infos: list[Any] = await asyncio.wait_for(
+        loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), resolve_timeout
+    )
+    return [str(info[4][0]) for info in infos]
+
+
+async def _check_special_use(
+    host: str,
+    reason: str,
+    allowed: Sequence[IPNetwork],
+    resolve_timeout: float,
+    resolver: AbstractResolver | None,
+) -> None:
+    """A special-use name is refused, unless every address it resolves to lies in
+    ``ALLOWED_PRIVATE_NETWORKS`` (a private deployment naming its own hosts)."""
+    if allowed:
+        try:
+            addresses = await _resolve(host, resolve_timeout, resolver)
+        except (OSError, TimeoutError):
+            addresses = []
+        if addresses and all(
+            any(ip in net for net in allowed if net.version == ip.version)
+            for ip in map(ipaddress.ip_address, addresses)
+        ):
+            return
+    raise BlockedAddressError(f"{host}: {reason}")
