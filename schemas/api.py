@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from schemas.events import EVENT_TYPES, EventType
+from schemas.times import Rfc3339
 
 MAX_URL_LENGTH = 2048
 
@@ -185,3 +186,7 @@ class ListQuery(BaseModel):
 
 class AttemptListQuery(ListQuery):
     status: Literal["succeeded", "failed"] | None = None
+    event_id: str | None = Field(default=None, min_length=1, max_length=100)
+    event_type: str | None = Field(default=None, min_length=1, max_length=100)
+    since: Rfc3339 | None = Field(default=None, description="Attempts made at or after.")
+    until: Rfc3339 | None = Field(default=None, description="Attempts made at or before.")

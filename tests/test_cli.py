@@ -88,6 +88,32 @@ def test_bad_setting_stops_with_one_line_naming_it() -> None:
     assert "SELLFERN_WEBHOOKS_DATABASE_URL" in result.stderr
 
 
+@pytest.mark.parametrize("role", ["serve", "worker", "api"])
+def test_unreachable_broker_or_database_stops_with_one_line_naming_it(
+    role: str, tmp_path: Path
+) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    no_broker = run_cli(role, env={
+        "SELLFERN_WEBHOOKS_DATABASE_URL": database,
+        "SELLFERN_WEBHOOKS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+        "SELLFERN_WEBHOOKS_API_PORT": "0", "SELLFERN_WEBHOOKS_METRICS_PORT": "0",
+        # Start-up's own info lines (a generated key) aside: the failure is one line.
+        "SELLFERN_WEBHOOKS_LOG_LEVEL": "error",
+    })  # fmt: skip
+    assert no_broker.returncode == 2, no_broker.stderr
+    assert no_broker.stderr.count("\n") == 1, no_broker.stderr
+    assert "cannot reach the broker at 127.0.0.1:1 (SELLFERN_WEBHOOKS_AMQP_URL)" in no_broker.stderr
+    no_database = run_cli(role, env={
+        "SELLFERN_WEBHOOKS_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x",
+        "SELLFERN_WEBHOOKS_DEV_MODE": "true", "SELLFERN_WEBHOOKS_LOG_LEVEL": "error",
+    })  # fmt: skip
+    assert no_database.returncode == 2, no_database.stderr
+    assert no_database.stderr.count("\n") == 1, no_database.stderr
+    assert "cannot reach the database at 127.0.0.1:1 (SELLFERN_WEBHOOKS_DATABASE_URL)" in (
+        no_database.stderr
+    )
+
+
 async def test_postgres_needs_migrate_then_works() -> None:
     async with fresh_postgres("sfw_cli") as url:
         env = {"SELLFERN_WEBHOOKS_DATABASE_URL": url}

@@ -244,19 +244,23 @@ async def test_unreachable_broker_or_missing_queue_is_one_line_and_exit_2(amqp_u
 async def test_a_redrive_that_is_not_confirmed_leaves_the_message(
     amqp_url: str, broker: AbstractConnection
 ) -> None:
-    """With no queue to take it back, the broker returns the copy: the original stays."""
+    """With no queue to take them back, the broker returns the copies: the originals stay."""
     channel = await broker.channel(publisher_confirms=True)
     await channel.declare_queue(
         topology.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
     )
-    body = json.dumps({"event_id": "evt_x", "webhook_id": "wh_x", "attempt": 1, "event": {}})
-    await channel.default_exchange.publish(
-        aio_pika.Message(body.encode(), headers={"x-reason": "exhausted"}),
-        routing_key=topology.DEAD_QUEUE,
-    )
-    code, out, _ = await _dead(amqp_url, "redrive")
+    for n in (1, 2):
+        body = json.dumps({"event_id": f"evt_{n}", "webhook_id": "wh_x", "attempt": 1})
+        await channel.default_exchange.publish(
+            aio_pika.Message(body.encode(), headers={"x-reason": "exhausted"}),
+            routing_key=topology.DEAD_QUEUE,
+        )
+    code, out, _ = await _dead(amqp_url, "redrive", "--limit", "1")
     assert code == 1
-    assert out[0].startswith("left\texhausted\ttask\tevt_x\twh_x\t")
+    assert len(out) == 2
+    assert out[0].startswith("left\texhausted\ttask\tevt_1\twh_x\t")
     assert "to webhooks.deliveries: refused by the broker" in out[0]
-    assert out[-1] == "redriven 0, left 1, skipped 0 (other reasons) of 1 in webhooks.dead"
-    assert await _depth(channel, topology.DEAD_QUEUE) == 1
+    assert out[-1] == "redriven 0, left 1, skipped 0 (other reasons) of 2 in webhooks.dead"
+    assert await _depth(channel, topology.DEAD_QUEUE) == 2
+    _, listed, _ = await _dead(amqp_url, "list")
+    assert [row[2] for row in _columns(listed)] == ["evt_1", "evt_2"]

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis
@@ -112,7 +113,15 @@ def _real_ids(session: requests.Session, api: ThreadedApi) -> dict[str, str]:
     webhook_id = created.json()["id"]
     attempt = session.post(f"{base}/{webhook_id}/test", timeout=10)
     assert attempt.status_code == 200, attempt.text
-    return {"webhook_id": webhook_id, "attempt_id": attempt.json()["id"]}
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    recovery = session.post(f"{base}/{webhook_id}/recover", json={"since": since}, timeout=10)
+    assert recovery.status_code == 202, recovery.text
+    return {
+        "webhook_id": webhook_id,
+        "attempt_id": attempt.json()["id"],
+        "event_id": attempt.json()["event_id"],  # the test event, stored like any other
+        "recovery_id": recovery.json()["id"],
+    }
 
 
 def test_api_conforms_to_its_openapi_document(api: ThreadedApi) -> None:

@@ -316,7 +316,7 @@ async def test_a_claim_releases_parked_deliveries_only_when_its_block_succeeds(
 
     async def broker_down() -> None:
         async with store.parked.claim(slow, 2) as rows:
-            claimed.extend(event_id for event_id, _ in rows)
+            claimed.extend(event_id for event_id, _, _ in rows)
             raise ConnectionError("no broker")
 
     with pytest.raises(ConnectionError):
@@ -327,8 +327,9 @@ async def test_a_claim_releases_parked_deliveries_only_when_its_block_succeeds(
     assert await store.events.delivery_state(event_ids[0], slow) == "parked"
 
     async with store.parked.claim(slow, 2) as rows:
-        assert [event_id for event_id, _ in rows] == event_ids[:2]  # oldest first
+        assert [event_id for event_id, _, _ in rows] == event_ids[:2]  # oldest first
         assert rows[1][1]["data"] == {"n": 1}  # the whole event, to build the task from
+        assert rows[1][2] == 0  # no attempt yet: the released task is attempt 1
         assert await store.events.delivery_state(event_ids[0], slow) == "parked"  # until then
     assert await store.events.delivery_state(event_ids[0], slow) == "pending"
     assert await store.events.delivery_state(event_ids[1], slow) == "pending"
@@ -336,7 +337,7 @@ async def test_a_claim_releases_parked_deliveries_only_when_its_block_succeeds(
     assert (await store.parked.counts()).get(slow) == 1
 
     async with store.parked.claim(slow, 2) as rows:
-        assert [event_id for event_id, _ in rows] == event_ids[2:]
+        assert [event_id for event_id, _, _ in rows] == event_ids[2:]
     async with store.parked.claim(slow, 2) as rows:
         assert rows == []
     assert slow not in await store.parked.counts()
@@ -349,8 +350,8 @@ async def test_concurrent_claims_never_get_the_same_row(postgres_url: str, org: 
 
         # Deterministically: a claim open while another holds its rows skips them.
         async with store.parked.claim(slow, 4) as first, store.parked.claim(slow, 4) as second:
-            assert [e for e, _ in first] == event_ids[:4]
-            assert [e for e, _ in second] == event_ids[4:8]
+            assert [e for e, _, _ in first] == event_ids[:4]
+            assert [e for e, _, _ in second] == event_ids[4:8]
         assert (await store.parked.counts()).get(slow) == 2
 
         # And racing: however they interleave, no row is handed out twice.
@@ -360,7 +361,7 @@ async def test_concurrent_claims_never_get_the_same_row(postgres_url: str, org: 
         async def claim() -> None:
             async with store.parked.claim(more, 4) as rows:
                 await asyncio.sleep(0.05)  # hold the locks while the others run
-                claimed.extend(event_id for event_id, _ in rows)
+                claimed.extend(event_id for event_id, _, _ in rows)
 
         await asyncio.gather(*(claim() for _ in range(4)))
         assert len(claimed) == len(set(claimed))

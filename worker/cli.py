@@ -18,6 +18,7 @@ from worker import __version__, runtime
 from worker.ops import dead_letters, listen
 from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
+from worker.startup import UnreachableError
 from worker.store import Store, crypto, database
 
 KNOWN_SCOPES = ("webhooks:manage",)
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args, settings, box)
-    except database.NotMigratedError as exc:
+    except (database.NotMigratedError, UnreachableError) as exc:
         print(f"sellfern-webhooks: {exc}", file=sys.stderr)
         return 2
     except (crypto.SecretBoxError, OSError) as exc:

@@ -25,7 +25,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Literal
 
-import aio_pika
 import structlog
 from aiohttp import web
 
@@ -43,6 +42,7 @@ from worker.pipeline.publisher import Publisher
 from worker.pipeline.sender import Sender, create_session
 from worker.pipeline.worker import PipelineWorker
 from worker.settings import Settings
+from worker.startup import reach_broker, reach_database
 from worker.store import Store, crypto, database
 
 Role = Literal["serve", "api", "worker"]
@@ -137,11 +137,14 @@ async def run(
         metrics = Metrics()
         engine = database.create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
-        await database.ensure_schema(engine, auto_migrate=settings.is_sqlite)
+        await reach_database(
+            settings.database_url,
+            database.ensure_schema(engine, auto_migrate=settings.is_sqlite),
+        )
         store = Store(engine, box)
         running = Running(settings, store, metrics)
 
-        connection = await aio_pika.connect_robust(
+        connection = await reach_broker(
             settings.amqp_url, client_properties={"connection_name": f"sellfern-webhooks {role}"}
         )
         stack.push_async_callback(connection.close)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas import api as models
+from schemas import api_events as event_models
 from worker import __version__
 
 if TYPE_CHECKING:
@@ -91,12 +93,25 @@ def _responses(route: Route, refs: _Refs) -> dict[str, Any]:
     return responses
 
 
+def _recovery_example() -> dict[str, Any]:
+    """A window that is valid when the document is built: the last hour."""
+    since = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    return {"since": since.isoformat().replace("+00:00", "Z"), "status": "failed"}
+
+
+def _body_example(model: type[BaseModel]) -> dict[str, Any] | None:
+    if model is event_models.RecoveryCreate:
+        return _recovery_example()
+    return _BODY_EXAMPLES.get(model)
+
+
 def _operation(route: Route, refs: _Refs) -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": route.summary, "responses": _responses(route, refs)}
     if route.request_model is not None:
         content = _content(refs[route.request_model])
-        if route.request_model in _BODY_EXAMPLES:
-            content["application/json"]["example"] = _BODY_EXAMPLES[route.request_model]
+        example = _body_example(route.request_model)
+        if example is not None:
+            content["application/json"]["example"] = example
         operation["requestBody"] = {"required": True, "content": content}
     if route.query_model is not None:
         operation["parameters"] = _query_parameters(route.query_model)

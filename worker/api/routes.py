@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -170,6 +170,29 @@ def _query(request: web.Request, model: type[M]) -> M:
         raise ApiError(400, "validation_error", _describe(exc)) from None
 
 
+def check_window(since: datetime | None, until: datetime | None) -> None:
+    """400 unless ``until`` is absent or not before ``since``."""
+    if since is not None and until is not None and until < since:
+        raise ApiError(400, "validation_error", "until: must not be before since")
+
+
+# The request helpers, for the handlers of the other modules (:mod:`.events`, :mod:`.recoveries`).
+def json_response(model: BaseModel, status: int = 200) -> web.Response:
+    return _json(model, status)
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    return await _body(request, model)
+
+
+def parse_query(request: web.Request, model: type[M]) -> M:
+    return _query(request, model)
+
+
+async def own_webhook(request: web.Request) -> Webhook:
+    return await _own_webhook(request)
+
+
 async def validate_url(request: web.Request, raw: str) -> str:
     """An https URL on a publicly reachable host (http only inside allowed private networks)."""
     allowed = request.app[SETTINGS].allowed_private_networks
@@ -322,7 +345,11 @@ async def list_deliveries(request: web.Request) -> web.Response:
     webhook = await _own_webhook(request)
     query = _query(request, models.AttemptListQuery)
     success = None if query.status is None else query.status == "succeeded"
-    page = await request.app[STORE].attempts.list(webhook.id, query.limit, query.cursor, success)
+    check_window(query.since, query.until)
+    page = await request.app[STORE].attempts.list(
+        webhook.id, query.limit, query.cursor, success, event_id=query.event_id,
+        event_type=query.event_type, since=query.since, until=query.until,
+    )  # fmt: skip
     return _json(
         models.AttemptList(
             data=[attempt_resource(a) for a in page.data],

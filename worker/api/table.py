@@ -12,6 +12,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from schemas import api as models
+from schemas import api_events as event_models
+from worker.api import events, recoveries
 from worker.api import routes as api
 from worker.api.openapi import openapi_document
 
@@ -65,6 +67,22 @@ ROUTES: tuple[Route, ...] = (
           response_model=models.AttemptList, query_model=models.AttemptListQuery, errors=_OWN),
     Route("POST", f"{_ENDPOINT}/deliveries/{{attempt_id}}/retry", api.retry_delivery,
           "Redeliver that attempt's event now", response_model=models.Attempt, errors=_OWN),
+    Route("GET", f"{_ENDPOINT}/stats", events.webhook_stats, "The endpoint's health",
+          response_model=event_models.Stats, query_model=event_models.StatsQuery, errors=_OWN),
+    Route("POST", f"{_ENDPOINT}/recover", recoveries.start_recovery,
+          "Send the endpoint's deliveries of a window again, at its pace",
+          request_model=event_models.RecoveryCreate, response_model=event_models.Recovery,
+          success_status=202, errors=_OWN),
+    Route("GET", f"{_ENDPOINT}/recoveries/{{recovery_id}}", recoveries.get_recovery,
+          "A recovery and its progress", response_model=event_models.Recovery, errors=_OWN),
+    Route("GET", "/events", events.list_events, "The organization's events, newest first",
+          response_model=event_models.EventList, query_model=event_models.EventListQuery),
+    Route("GET", "/events/{event_id}", events.get_event,
+          "An event with its delivery to each endpoint",
+          response_model=event_models.EventWithDeliveries, errors=_OWN),
+    Route("GET", "/event-types", events.list_event_types,
+          "Every subscribable event type and webhook.test, with the body's JSON Schema",
+          response_model=event_models.EventTypeList),
 )  # fmt: skip
 
 

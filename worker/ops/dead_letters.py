@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import unicodedata
@@ -57,6 +58,7 @@ from worker.pipeline import topology
 
 CONNECT_TIMEOUT = 10.0
 CONFIRM_TIMEOUT = 30.0
+RETURN_WAIT = 10.0
 DETAIL_CHARS = 160
 ID_CHARS = 100
 
@@ -320,6 +322,12 @@ class _Scan:
     total: int
     skipped: int = 0
     taken: int = 0
+    removed: int = 0
+
+    async def remove(self, message: AbstractIncomingMessage) -> None:
+        """Ack a message out of the queue (once its copy is confirmed elsewhere)."""
+        await message.ack()
+        self.removed += 1
 
     async def _take(self) -> AbstractIncomingMessage | None:
         if self.taken >= self.total:
@@ -353,18 +361,34 @@ class _Scan:
             redelivered = bool(message.redelivered)
 
 
+async def _returned(connection: AbstractConnection, expected: int) -> None:
+    """Wait until the queue holds ``expected`` messages again, for a while at most.
+
+    The broker hands a closed channel's messages back a moment after it has confirmed the
+    close; a command that returned before then would leave the next one a short queue.
+    """
+    with contextlib.suppress(TimeoutError, aiormq.exceptions.AMQPError):
+        async with asyncio.timeout(RETURN_WAIT), await connection.channel() as channel:
+            while True:
+                queue = await channel.declare_queue(topology.DEAD_QUEUE, passive=True)
+                if (queue.declaration_result.message_count or 0) >= expected:
+                    return
+                await asyncio.sleep(0.02)
+
+
 @asynccontextmanager
 async def _scan(connection: AbstractConnection) -> AsyncIterator[_Scan]:
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.declare_queue(topology.DEAD_QUEUE, passive=True)
+    scan = _Scan(channel, queue, queue.declaration_result.message_count or 0)
     try:
-        queue = await channel.declare_queue(topology.DEAD_QUEUE, passive=True)
-        total = queue.declaration_result.message_count or 0
-        yield _Scan(channel, queue, total)
+        yield scan
     finally:
-        # The one place the messages we took and did not ack are settled: closing the channel
-        # returns them to the head of the queue, in order (see the module's docstring).
+        # Besides _Scan.remove, the one place the messages taken are settled: closing the
+        # channel hands back all those not removed, in order (see the module's docstring).
         if not channel.is_closed:
             await channel.close()
+    await _returned(connection, scan.total - scan.removed)
 
 
 async def list_dead(
@@ -438,7 +462,7 @@ async def redrive(
                     failed += 1
                     out.write(f"left\t{letter.line()}\t(to {target}: {problem})\n")
                     continue
-                await message.ack()
+                await scan.remove(message)
             redriven += 1
             out.write(f"{verb}\t{letter.line()}\t-> {target}\n")
     summary = (

@@ -19,7 +19,9 @@ import structlog
 LIBRARY_LOGGERS = ("aiormq", "aio_pika", "aiohttp", "alembic", "sqlalchemy", "asyncio")
 # SQLAlchemy's INFO and DEBUG echo every statement with its bound parameters, which carry
 # secrets and payloads: below WARNING it stays off whatever LOG_LEVEL says.
-_FLOORS = {"sqlalchemy": logging.WARNING}
+# Alembic's INFO lines ("Context impl SQLiteImpl.") come at every start and say nothing an
+# operator acts on; migrations the service runs log their own line.
+_FLOORS = {"sqlalchemy": logging.WARNING, "alembic": logging.WARNING}
 _HANDLER_NAME = "sellfern_webhooks"
 _SECRET_KEYS = frozenset(
     {

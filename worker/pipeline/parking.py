@@ -73,9 +73,11 @@ class ParkingSweeper:
                     *(
                         self._tasks.queue(
                             webhook_id,
-                            encode_task(event_id, webhook_id, 1, json.dumps(event).encode()),
+                            encode_task(
+                                event_id, webhook_id, attempts + 1, json.dumps(event).encode()
+                            ),
                         )
-                        for event_id, event in rows
+                        for event_id, event, attempts in rows
                     )
                 )
             if len(rows) < room:

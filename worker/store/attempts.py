@@ -6,6 +6,7 @@ repository only reads them.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,14 +32,28 @@ class AttemptRepository:
         limit: int,
         cursor: str | None,
         success: bool | None = None,
+        *,
+        event_id: str | None = None,
+        event_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> Page[Attempt]:
-        """Attempts to one endpoint, newest first; only the successful (or failed) ones when
-        ``success`` is given."""
+        """Attempts to one endpoint, newest first (keyset on the time-ordered id); only the
+        successful (or failed) ones when ``success`` is given, only one event's or one event
+        type's, only those made in ``[since, until]``."""
         query = sa.select(attempts).where(attempts.c.webhook_id == webhook_id)
         if cursor:
             query = query.where(attempts.c.id < cursor)
         if success is not None:
             query = query.where(attempts.c.success.is_(success))
+        if event_id is not None:
+            query = query.where(attempts.c.event_id == event_id)
+        if event_type is not None:
+            query = query.where(attempts.c.event_type == event_type)
+        if since is not None:
+            query = query.where(attempts.c.created_at >= since)
+        if until is not None:
+            query = query.where(attempts.c.created_at <= until)
         query = query.order_by(attempts.c.id.desc()).limit(limit + 1)
         async with self._engine.connect() as connection:
             rows = [_attempt(row) for row in await connection.execute(query)]

@@ -12,8 +12,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.store.records import DeliveryState
-from worker.store.tables import attempts, deliveries, events
+from worker.store.records import DeliveryState, EventDelivery, Page, StoredEvent, page_of
+from worker.store.tables import attempts, deliveries, events, webhooks
+
+
+def _stored_event(row: sa.Row[Any, Any, Any, Any, Any]) -> StoredEvent:
+    payload = row.payload
+    data = payload.get("data") if isinstance(payload, dict) else None
+    return StoredEvent(
+        id=row.id,
+        type=row.type,
+        occurred_at=row.occurred_at,
+        received_at=row.received_at,
+        data=dict(data) if isinstance(data, dict) else {},
+    )
 
 
 class EventRepository:
@@ -29,6 +41,94 @@ class EventRepository:
                 await connection.execute(sa.select(events.c.payload).where(events.c.id == event_id))
             ).scalar()
         return dict(payload) if payload is not None else None
+
+    async def list_for_org(
+        self,
+        org_id: str,
+        limit: int,
+        cursor: str | None = None,
+        *,
+        event_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Page[StoredEvent]:
+        """An organization's events, newest received first, keyset on (received_at, id).
+
+        ``cursor`` is the id of the last event of the previous page; ``since`` and ``until``
+        bound ``received_at`` (both inclusive).
+        """
+        query = sa.select(
+            events.c.id, events.c.type, events.c.occurred_at, events.c.received_at,
+            events.c.payload,
+        ).where(events.c.org_id == org_id)  # fmt: skip
+        if event_type is not None:
+            query = query.where(events.c.type == event_type)
+        if since is not None:
+            query = query.where(events.c.received_at >= since)
+        if until is not None:
+            query = query.where(events.c.received_at <= until)
+        if cursor:
+            marked = events.alias("cursor_event")
+            mark = (
+                sa.select(marked.c.received_at)
+                .where(marked.c.id == cursor, marked.c.org_id == org_id)
+                .scalar_subquery()
+            )
+            query = query.where(
+                sa.or_(
+                    events.c.received_at < mark,
+                    sa.and_(events.c.received_at == mark, events.c.id < cursor),
+                )
+            )
+        query = query.order_by(events.c.received_at.desc(), events.c.id.desc()).limit(limit + 1)
+        async with self._engine.connect() as connection:
+            rows = [_stored_event(row) for row in await connection.execute(query)]
+        return page_of(rows, limit, lambda e: e.id)
+
+    async def get_for_org(self, org_id: str, event_id: str) -> StoredEvent | None:
+        """The event, only if it belongs to ``org_id``."""
+        query = sa.select(
+            events.c.id, events.c.type, events.c.occurred_at, events.c.received_at,
+            events.c.payload,
+        ).where(events.c.id == event_id, events.c.org_id == org_id)  # fmt: skip
+        async with self._engine.connect() as connection:
+            row = (await connection.execute(query)).first()
+        return _stored_event(row) if row else None
+
+    async def deliveries_of(self, org_id: str, event_id: str) -> list[EventDelivery]:
+        """The event's delivery to each endpoint of ``org_id`` it was fanned out to, with the
+        time and status code of each one's latest attempt (highest number, then newest)."""
+        rows_query = (
+            sa.select(
+                deliveries.c.webhook_id, deliveries.c.state, deliveries.c.attempts,
+                deliveries.c.next_attempt_at,
+            )
+            .join(webhooks, webhooks.c.id == deliveries.c.webhook_id)
+            .where(deliveries.c.event_id == event_id, webhooks.c.org_id == org_id)
+            .order_by(deliveries.c.webhook_id)
+        )  # fmt: skip
+        attempts_query = (
+            sa.select(attempts.c.webhook_id, attempts.c.created_at, attempts.c.status_code)
+            .where(attempts.c.event_id == event_id, attempts.c.org_id == org_id)
+            .order_by(attempts.c.attempt, attempts.c.created_at, attempts.c.id)
+        )
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(rows_query)).all()
+            latest = {
+                row.webhook_id: (row.created_at, row.status_code)
+                for row in await connection.execute(attempts_query)
+            }  # ascending: the last one per endpoint wins
+        return [
+            EventDelivery(
+                webhook_id=row.webhook_id,
+                state=row.state,
+                attempts=row.attempts,
+                last_attempt_at=latest.get(row.webhook_id, (None, None))[0],
+                last_status_code=latest.get(row.webhook_id, (None, None))[1],
+                next_attempt_at=row.next_attempt_at if row.state == "pending" else None,
+            )
+            for row in rows
+        ]
 
     async def delivery_state(self, event_id: str, webhook_id: str) -> DeliveryState | None:
         """The state of the event's delivery to the endpoint; None if there is none."""

@@ -46,8 +46,10 @@ class ParkedDeliveries:
     @asynccontextmanager
     async def claim(
         self, webhook_id: str, limit: int
-    ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
-        """Claim the oldest ``limit`` parked deliveries of an endpoint, as (event id, event).
+    ) -> AsyncIterator[list[tuple[str, dict[str, Any], int]]]:
+        """Claim the oldest ``limit`` parked deliveries of an endpoint, as (event id, event,
+        attempts so far): a delivery parked again by a recovery has attempts already, and its
+        next one is number ``attempts + 1``.
 
         Used as ``async with parked.claim(webhook_id, n) as rows:``. The rows stay locked, and
         parked, for the whole block: if it ends cleanly they are marked ``pending`` in the
@@ -58,7 +60,7 @@ class ParkedDeliveries:
         worker, whose sweeps run one at a time.
         """
         query = (
-            sa.select(deliveries.c.event_id, events.c.payload)
+            sa.select(deliveries.c.event_id, events.c.payload, deliveries.c.attempts)
             .join(events, events.c.id == deliveries.c.event_id)
             .where(deliveries.c.state == "parked", deliveries.c.webhook_id == webhook_id)
             .order_by(deliveries.c.created_at, deliveries.c.event_id)
@@ -67,10 +69,11 @@ class ParkedDeliveries:
         )
         async with self._engine.begin() as connection:
             rows = [
-                (event_id, dict(payload)) for event_id, payload in await connection.execute(query)
+                (event_id, dict(payload), int(tries))
+                for event_id, payload, tries in await connection.execute(query)
             ]
             # Taken before the block runs: what it does with the list changes nothing here.
-            claimed = [event_id for event_id, _ in rows]
+            claimed = [event_id for event_id, _, _ in rows]
             yield rows
             if claimed:
                 await connection.execute(

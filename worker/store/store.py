@@ -16,7 +16,9 @@ from worker.store.events import EventRepository
 from worker.store.parked import ParkedDeliveries
 from worker.store.pipeline_pg import AsyncpgPipelineWrites
 from worker.store.pipeline_writes import CorePipelineWrites, PipelineWrites
+from worker.store.recoveries import RecoveryRepository
 from worker.store.reseal import SecretResealer
+from worker.store.stats import StatsRepository
 from worker.store.tokens import TokenRepository
 
 
@@ -34,6 +36,8 @@ class Store:
         self.events = EventRepository(engine)
         self.attempts = AttemptRepository(engine)
         self.parked = ParkedDeliveries(engine)
+        self.recoveries = RecoveryRepository(engine)
+        self.stats = StatsRepository(engine)
         # The hot write goes to asyncpg directly where it can (see worker.store.pipeline_pg).
         self.pipeline: PipelineWrites = (
             AsyncpgPipelineWrites(engine) if uses_asyncpg(engine) else CorePipelineWrites(engine)

@@ -132,7 +132,9 @@ deliveries = sa.Table(
     # Stats' backlog: counts by state of one endpoint.
     sa.Index("ix_deliveries_webhook_id_state", "webhook_id", "state"),
     # Recoveries: one endpoint's deliveries in a window, keyset on (created_at, event_id).
-    sa.Index("ix_deliveries_webhook_id_created_at_event_id", "webhook_id", "created_at", "event_id"),
+    sa.Index(
+        "ix_deliveries_webhook_id_created_at_event_id", "webhook_id", "created_at", "event_id"
+    ),
 )
 
 attempts = sa.Table(

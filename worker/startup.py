@@ -1,0 +1,88 @@
+"""Reaching the database and the broker at start-up, with one clear line when either is not there.
+
+A process that cannot reach what it needs exits with status 2 and a single line naming the
+setting and the address it tried, instead of a driver's traceback: the operator's next step is
+to check that setting or that host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy.engine import make_url
+from yarl import URL
+
+T = TypeVar("T")
+ENV_PREFIX = "SELLFERN_WEBHOOKS_"
+# How long start-up waits for the broker's first connection before giving up.
+BROKER_CONNECT_SECONDS = 15.0
+
+
+class UnreachableError(Exception):
+    """A dependency could not be reached; ``str()`` is the one line to print."""
+
+    def __init__(self, what: str, setting: str, address: str, error: BaseException) -> None:
+        detail = str(error) or type(error).__name__
+        super().__init__(
+            f"cannot reach the {what} at {address} ({ENV_PREFIX}{setting}): {detail[:200]}"
+        )
+
+
+def database_address(url: str) -> str:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+
+
+def broker_address(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5672}"
+
+
+async def reach_database(url: str, step: Awaitable[T]) -> T:
+    """Run the first database step (``ensure_schema``); an unreachable server or an unusable
+    file becomes an :class:`UnreachableError`."""
+    try:
+        return await step
+    except (OSError, TimeoutError) as exc:
+        raise UnreachableError("database", "DATABASE_URL", database_address(url), exc) from exc
+    except Exception as exc:
+        # SQLAlchemy wraps driver errors; only a failure to connect is reported this way.
+        if type(exc).__name__ in {"OperationalError", "InterfaceError"}:
+            address = database_address(url)
+            raise UnreachableError("database", "DATABASE_URL", address, exc) from exc
+        raise
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence the client libraries' own lines about a failed first connect: the error is
+    reported once, by the caller, with the setting to check."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+async def reach_broker(url: str, **kwargs: Any) -> AbstractRobustConnection:  # noqa: ANN401
+    """The robust connection the process keeps; its first connect must succeed in time
+    (later losses are ridden out by reconnecting)."""
+    try:
+        with _quiet("aiormq.connection", "aio_pika.robust_connection"):
+            return await asyncio.wait_for(
+                aio_pika.connect_robust(url, **kwargs), BROKER_CONNECT_SECONDS
+            )
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        raise UnreachableError("broker", "AMQP_URL", broker_address(url), exc) from exc
