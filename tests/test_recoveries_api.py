@@ -197,7 +197,10 @@ async def test_recover_and_follow_its_progress(service: Service, receiver: Recei
     path = f"/webhooks/{webhook}/recoveries/{recovery['id']}"
     status, fetched = await service.call("GET", path)
     assert status == 200
-    assert fetched == recovery
+    # The service's own worker may already have moved it on: only its progress can differ.
+    assert {k: v for k, v in fetched.items() if k not in ("state", "queued", "finished_at")} == {
+        k: v for k, v in recovery.items() if k not in ("state", "queued", "finished_at")
+    }
     await service.store.recoveries.park_next(recovery["id"], 10)
     status, fetched = await service.call("GET", path)
     assert (fetched["state"], fetched["queued"]) == ("done", 3)

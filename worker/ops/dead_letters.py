@@ -487,7 +487,9 @@ async def run(
     try:
         connection = await connect(amqp_url, f"dead {command}")
     except BrokerUnreachableError as exc:
-        err.write(f"sellfern-webhooks: cannot reach RabbitMQ (SELLFERN_WEBHOOKS_AMQP_URL): {exc}\n")
+        err.write(
+            f"sellfern-webhooks: cannot reach the broker (SELLFERN_WEBHOOKS_AMQP_URL): {exc}\n"
+        )
         return 2
     try:
         if command == "list":

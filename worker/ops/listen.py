@@ -3,10 +3,11 @@
 It binds 127.0.0.1 only, answers 200 to every request, and prints each webhook it gets: when,
 its ``webhook-id`` and type, whether its Standard Webhooks signature verifies with the secret
 given, and its JSON body, pretty and bounded. With ``--tls`` it serves https with a self-signed
-certificate for ``127.0.0.1`` and ``localhost``; the service delivers only to https URLs, so
-that is the mode to receive its webhooks in, with ``SELLFERN_WEBHOOKS_CA_BUNDLE`` pointing at
-the certificate and ``SELLFERN_WEBHOOKS_ALLOWED_PRIVATE_NETWORKS=127.0.0.0/8`` (loopback is
-otherwise refused by the SSRF guard).
+certificate for ``127.0.0.1`` and ``localhost``: the service then delivers to it as to a
+customer's endpoint, once started with ``SELLFERN_WEBHOOKS_CA_BUNDLE`` pointing at the
+certificate and ``SELLFERN_WEBHOOKS_ALLOWED_PRIVATE_NETWORKS=127.0.0.0/8`` (loopback is otherwise
+refused by the SSRF guard). Without ``--tls`` it serves plain http, which the API accepts only
+for an IP address inside ``ALLOWED_PRIVATE_NETWORKS`` (``http://127.0.0.1:…``, not ``localhost``).
 
 The certificate and its key are written to the current directory and reused while they are
 valid: the service loads its CA bundle once, at start, so a restarted ``listen`` keeps being
@@ -252,7 +253,11 @@ def _banner(listening: Listening, secret: str | None) -> str:
             f"and register an endpoint with url {listening.url}/webhooks",
         ]
     else:
-        lines.append("plain http: the service delivers only to https URLs; --tls to receive them")
+        lines += [
+            "plain http, which the service delivers to only inside ALLOWED_PRIVATE_NETWORKS:",
+            "  start it with SELLFERN_WEBHOOKS_ALLOWED_PRIVATE_NETWORKS=127.0.0.0/8 and register",
+            f"  {listening.url}/webhooks (an IP address, not localhost); --tls for https",
+        ]
     checked = "checked with --secret" if secret else "not checked (no --secret)"
     lines.append(f"signatures: {checked}")
     return "\n".join(lines) + "\n\n"
