@@ -18,8 +18,8 @@ from worker.ops.dead_letters import (
     matches,
     printable,
     redrive_headers,
-    where,
 )
+from worker.ops.dead_queue import where
 from worker.pipeline import topology
 from worker.pipeline.fanout import RejectedEventError, parse_event
 

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +78,31 @@ async def test_every_route_hides_other_organizations(service: Service, receiver:
 
     async with service.http.get(f"{service.base}/api/v2/openapi.json") as response:
         document = await response.json()
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    status, recovery = await service.call(
+        "POST", f"/webhooks/{mine['id']}/recover", {"since": since}
+    )
+    assert status == 202, recovery
     routes = [
         (method.upper(), path)
         for path, item in document["paths"].items()
         for method in item
-        if method != "parameters" and "{webhook_id}" in path
+        if method != "parameters" and ("{webhook_id}" in path or "{event_id}" in path)
     ]
-    assert len(routes) >= 7
+    assert len(routes) >= 10
+    ids = {
+        "webhook_id": mine["id"],
+        "attempt_id": attempt["id"],
+        "recovery_id": recovery["id"],
+        "event_id": attempt["event_id"],
+    }
     for method, template in routes:
-        path = template.format(webhook_id=mine["id"], attempt_id=attempt["id"])
-        body = {"enabled": False} if method == "PATCH" else None
+        path = template.format(**ids)
+        body: dict[str, Any] | None = None
+        if method == "PATCH":
+            body = {"enabled": False}
+        elif path.endswith("/recover"):
+            body = {"since": since}
         status, answer = await service.call(method, path, body, token=other)
         assert (status, answer["error"]["code"]) == (404, "not_found"), (method, path)
 

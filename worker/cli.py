@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from schemas.events import EVENT_TYPES, ORGANIZATION_ID_PATTERN
 from schemas.publish import PublishError, connect, publish_event
 from worker import __version__, runtime
-from worker.ops import dead_letters, listen
+from worker.ops import dead_letters, dead_queue, listen
 from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
 from worker.startup import UnreachableError
@@ -192,7 +192,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, box: crypto.SecretBo
     if args.command == "token":
         return asyncio.run(_token(args, settings))
     if args.command == "dead":
-        return asyncio.run(dead_letters.run(
+        return asyncio.run(dead_queue.run(
             args.dead_command, settings.amqp_url, sys.stdout, sys.stderr, reason=args.reason,
             limit=args.limit, dry_run=getattr(args, "dry_run", False),
         ))  # fmt: skip
