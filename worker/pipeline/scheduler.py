@@ -89,20 +89,19 @@ class Offer:
         self.source = source
         self.deadline = deadline
         self.decision: Decision | None = None
-        self._future: asyncio.Future[None] | None = None
+        self._future: asyncio.Future[Decision] | None = None
 
     def settle(self, decision: Decision) -> None:
         self.decision = decision
         if self._future is not None and not self._future.done():
-            self._future.set_result(None)
+            self._future.set_result(decision)
 
     async def wait(self) -> Decision:
         """The decision, once made; returns at once when it was made on offer."""
-        if self.decision is None:
-            self._future = asyncio.get_running_loop().create_future()
-            await self._future
-        assert self.decision is not None  # noqa: S101 - settle() set it before the future
-        return self.decision
+        if self.decision is not None:
+            return self.decision
+        self._future = asyncio.get_running_loop().create_future()
+        return await self._future
 
 
 # Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
