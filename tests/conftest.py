@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -80,6 +81,16 @@ async def fresh_postgres(prefix: str = "sfw_test") -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A publisher's connection, named after the test so the broker's tools show who opened it."""
+    connection = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")}
+    )
+    yield connection
+    await connection.close()
 
 
 @pytest.fixture(scope="session")

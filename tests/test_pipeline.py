@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,15 +31,6 @@ from worker.store import Store, tables
 from worker.store.records import NewEvent
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(
-        amqp_url, client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")}
-    )
-    yield connection
-    await connection.close()
 
 
 async def _webhook(

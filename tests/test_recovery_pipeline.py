@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
@@ -13,13 +12,6 @@ from schemas.publish import publish_event
 from tests.conftest import Receiver, ServiceFactory, eventually
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(amqp_url)
-    yield connection
-    await connection.close()
 
 
 async def test_a_recovery_resends_the_failed_deliveries_with_the_same_webhook_id(

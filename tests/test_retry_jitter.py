@@ -6,7 +6,6 @@ import asyncio
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -22,13 +21,6 @@ BURST = 1_000
 # Long enough that the service's own time to work through the burst (about a second here) is
 # small beside the spread being measured (±1 s).
 DELAY = 5.0
-
-
-@pytest.fixture
-async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(amqp_url)
-    yield connection
-    await connection.close()
 
 
 async def test_a_thousand_retries_scheduled_at_once_are_spread(
