@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from worker.pipeline import scheduler as sched
-from worker.pipeline.scheduler import Decision, Offer, Route, Scheduler, Source
+from worker.pipeline.offers import Decision, Offer, Route, Source
+from worker.pipeline.scheduler import Scheduler
 
 pytestmark = pytest.mark.unit
 

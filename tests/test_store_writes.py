@@ -357,10 +357,14 @@ async def test_concurrent_claims_never_get_the_same_row(postgres_url: str, org: 
         # And racing: however they interleave, no row is handed out twice.
         more, more_ids = await _park(store, org, 12)
         claimed: list[str] = []
+        # Every claim holds its rows until all four have theirs: a claim that waited on
+        # another's locks instead of skipping them would never reach the barrier.
+        all_in = asyncio.Barrier(4)
 
         async def claim() -> None:
             async with store.parked.claim(more, 4) as rows:
-                await asyncio.sleep(0.05)  # hold the locks while the others run
+                async with asyncio.timeout(10):
+                    await all_in.wait()
                 claimed.extend(event_id for event_id, _, _ in rows)
 
         await asyncio.gather(*(claim() for _ in range(4)))

@@ -8,15 +8,15 @@ to check that setting or that host.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.engine import make_url
 from yarl import URL
+
+from worker.ops.logging import quiet
 
 T = TypeVar("T")
 ENV_PREFIX = "SELLFERN_WEBHOOKS_"
@@ -61,26 +61,11 @@ async def reach_database(url: str, step: Awaitable[T]) -> T:
         raise
 
 
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Silence the client libraries' own lines about a failed first connect: the error is
-    reported once, by the caller, with the setting to check."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 async def reach_broker(url: str, **kwargs: Any) -> AbstractRobustConnection:  # noqa: ANN401
     """The robust connection the process keeps; its first connect must succeed in time
     (later losses are ridden out by reconnecting)."""
     try:
-        with _quiet("aiormq.connection", "aio_pika.robust_connection"):
+        with quiet("aiormq.connection", "aio_pika.robust_connection"):
             return await asyncio.wait_for(
                 aio_pika.connect_robust(url, **kwargs), BROKER_CONNECT_SECONDS
             )

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -47,6 +46,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from worker.ops.dead_letters import DeadLetter, describe, matches, redrive_headers
+from worker.ops.logging import quiet
 from worker.pipeline import topology
 
 CONNECT_TIMEOUT = 10.0
@@ -78,18 +78,6 @@ def _why(exc: BaseException) -> str:
     return str(exc) or repr(exc)
 
 
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence a library's own report of a failure this module reports itself, in one line."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 async def connect(amqp_url: str, name: str) -> AbstractConnection:
     """Connect to the first reachable of the comma-separated URLs, as the service does."""
     urls = [u.strip() for u in amqp_url.split(",") if u.strip()]
@@ -97,7 +85,7 @@ async def connect(amqp_url: str, name: str) -> AbstractConnection:
     for url in urls:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                with _quiet("aiormq.connection"):
+                with quiet("aiormq.connection"):
                     return await aio_pika.connect(
                         url, client_properties={"connection_name": f"sellfern-webhooks {name}"}
                     )

@@ -9,8 +9,10 @@ records with the same processors and renderer, plus the name of the logger (``lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 import structlog
@@ -95,3 +97,18 @@ def _route_standard_logging(
     root.setLevel(max(threshold, logging.WARNING))
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(max(threshold, _FLOORS.get(name, logging.NOTSET)))
+
+
+@contextlib.contextmanager
+def quiet(*names: str) -> Iterator[None]:
+    """Silence libraries' own report of a failure the caller reports itself, in one line
+    naming the setting to check (a first connect to the broker, say)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from worker.ops.metrics import Metrics
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptRunner
+from worker.pipeline.offers import Route, Source
 from worker.pipeline.publisher import Publisher
-from worker.pipeline.scheduler import Route, Scheduler, Source
+from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.settle import Settler
 from worker.pipeline.tasks import DeliveryTask
 

@@ -21,8 +21,9 @@ from schemas.events import EventEnvelope
 from worker.ops.metrics import Metrics
 from worker.pipeline.attempts import AttemptRunner
 from worker.pipeline.matcher import EndpointMatcher
+from worker.pipeline.offers import Offer, Route, Source
 from worker.pipeline.publisher import Publisher, TaskQueue
-from worker.pipeline.scheduler import Offer, Route, Scheduler, Source
+from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.settle import Settler
 from worker.pipeline.tasks import DeliveryTask, encode_task
 from worker.pipeline.writer import BatchWriter, PipelineRecord

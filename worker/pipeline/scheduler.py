@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+
+from worker.pipeline.offers import Decision, EndpointView, Offer, Route, Source
 
 # An endpoint answering slower than this on average is slow: fan-out does not send to it
 # itself (the event would wait for it) and a full endpoint's new deliveries are parked.
@@ -57,51 +57,6 @@ FAST_ENDPOINT_TIERS = 3
 MAX_RELEASE = 1_000
 IDLE_FORGET_SECONDS = 300.0
 MAX_ENDPOINTS = 100_000
-
-
-class Route(enum.Enum):
-    START = "start"
-    WAIT = "wait"
-    QUEUE = "queue"
-    DEFER = "defer"
-    PARK = "park"
-
-
-class Source(enum.Enum):
-    NEW = "new"  # fan-out's first attempt of a delivery
-    TASK = "task"  # a message from webhooks.deliveries
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    route: Route
-    ticket: int = -1  # for START: pass it to Scheduler.finished
-    delay: float = 0.0  # for DEFER: the deferral tier
-
-
-class Offer:
-    """An attempt offered to the scheduler; ``decision`` is None while it waits for a slot."""
-
-    __slots__ = ("_future", "deadline", "decision", "source", "webhook_id")
-
-    def __init__(self, webhook_id: str, source: Source, deadline: float | None) -> None:
-        self.webhook_id = webhook_id
-        self.source = source
-        self.deadline = deadline
-        self.decision: Decision | None = None
-        self._future: asyncio.Future[Decision] | None = None
-
-    def settle(self, decision: Decision) -> None:
-        self.decision = decision
-        if self._future is not None and not self._future.done():
-            self._future.set_result(decision)
-
-    async def wait(self) -> Decision:
-        """The decision, once made; returns at once when it was made on offer."""
-        if self.decision is not None:
-            return self.decision
-        self._future = asyncio.get_running_loop().create_future()
-        return await self._future
 
 
 # Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
@@ -135,18 +90,6 @@ class _Endpoint:
 
     def idle(self) -> bool:
         return not (self.in_flight or self.waiting or self.queued or self.parked)
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointView:
-    """What the scheduler knows of an endpoint, for health answers and metrics."""
-
-    in_flight: int
-    waiting: int
-    queued: int
-    parked: bool
-    response_seconds: float | None
-    slow: bool
 
 
 class Scheduler:
