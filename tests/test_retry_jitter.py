@@ -68,10 +68,11 @@ async def test_a_thousand_retries_scheduled_at_once_are_spread(
         assert 120 <= per_tier[tier] <= 280, per_tier  # 200 expected each; ±80 is > 6 sigma
 
     # What the receiver saw: the gap between an event's two attempts is its tier plus the
-    # service's own time, so the retries come back spread over about 2 s, not at once.
+    # service's own time, so the retries come back spread over about 2 s, not at once. The
+    # service's time shifts every gap alike (more on a loaded machine), so the spread is
+    # measured between the gaps, not against the tiers' own values.
     gaps.sort()
     low, high = gaps[len(gaps) // 20], gaps[-len(gaps) // 20]
     assert gaps[0] >= 4.0
-    assert low < 4.5, (low, high)
-    assert high > 5.5, (low, high)
+    assert high - low > 1.5, (low, high)
     assert statistics.pstdev(gaps) > 0.5
