@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--live-isolation-rate", type=float, help="events/s (default 200)")
     parser.add_argument("--live-isolation-seconds", type=float, help="seconds (default 20)")
     parser.add_argument(
+        "--query-attempts", type=int, help="attempts in the store of queries (default 1000000)"
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=Settings.model_fields["delivery_concurrency"].default,
@@ -103,6 +106,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         "burst_events": args.burst_events,
         "live_isolation_rate": args.live_isolation_rate,
         "live_isolation_seconds": args.live_isolation_seconds,
+        "query_attempts": args.query_attempts,
     }
     return dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -56,6 +56,8 @@ class Sizes:
     live_isolation_rate: float = 200
     live_isolation_seconds: float = 20
     drain_timeout: float = 600  # give up waiting for a drain after this long
+    query_attempts: int = 1_000_000  # the store the find-and-search calls run over
+    query_requests: int = 200  # of each call
 
 
 # Small enough for a smoke run of the whole harness in well under a minute on a busy machine.
@@ -74,6 +76,8 @@ QUICK = Sizes(
     live_isolation_rate=100,
     live_isolation_seconds=3,
     drain_timeout=20,
+    query_attempts=20_000,
+    query_requests=20,
 )
 
 

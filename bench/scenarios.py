@@ -28,6 +28,8 @@ from bench.harness import (
 )
 from bench.live import live_isolation
 from bench.load import bare_client, order_event, wire_events
+from bench.queries import queries
+from bench.recovery import recovery
 from schemas.events import EVENT_TYPES
 from worker.store.endpoints import new_signing_secret
 
@@ -324,6 +326,8 @@ SCENARIOS: dict[str, Scenario] = {
     "live-isolation": live_isolation,
     "fanout": fanout,
     "backlog": backlog,
+    "queries": queries,
+    "recovery": recovery,
 }
 # The scenarios whose deliveries go to nginx (bench.sink) rather than the Python receiver.
-NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst"})
+NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery"})

@@ -67,6 +67,10 @@ http {{
         location / {{
             return 200 "ok";
         }}
+        # An endpoint that is down: every request under /fail/ gets a 500.
+        location /fail/ {{
+            return 500 "down";
+        }}
     }}
 
     server {{
