@@ -131,9 +131,22 @@ def test_a_slow_endpoint_saturates_is_parked_and_is_released_as_it_recovers() ->
     seconds = s.view("wh_slow").response_seconds
     assert seconds is not None
     assert room == min(sched.MAX_RELEASE, round(4 * 0.5 / seconds))
-    s.drained("wh_slow")
+    s.drained("wh_slow", s.park_mark("wh_slow"))
     assert s.parked() == []
     assert decided(s.offer("wh_slow", Source.NEW)).route is Route.START
+
+
+def test_a_sweep_that_found_nothing_does_not_clear_a_backlog_parked_while_it_ran() -> None:
+    s, _clock = make(cap=4)
+    s.adopt(["wh_a"])
+    mark = s.park_mark("wh_a")  # a sweep starts, and claims what is parked
+    s.adopt(["wh_a"])  # meanwhile a recovery parks another batch
+    s.drained("wh_a", mark)  # the sweep found less than it had room for
+    assert s.parked() == ["wh_a"], "the new batch would wait for the next adoption"
+    assert decided(s.offer("wh_a", Source.NEW)).route is Route.PARK  # it joins the backlog
+    mark = s.park_mark("wh_a")
+    s.drained("wh_a", mark)  # a later sweep finds it empty, and nothing came in between
+    assert s.parked() == []
 
 
 def test_deferral_turns_spread_a_slow_endpoints_backlog_over_the_tiers() -> None:

@@ -66,6 +66,7 @@ class ParkingSweeper:
             room = self._scheduler.room(webhook_id, SWEEP_SECONDS)
             if room <= 0:
                 continue
+            mark = self._scheduler.park_mark(webhook_id)
             async with self._store.parked.claim(webhook_id, room) as rows:
                 # Each release is counted by the scheduler as a slot spoken for until it comes
                 # round, so the next sweep does not release more than the endpoint can start.
@@ -81,9 +82,8 @@ class ParkingSweeper:
                     )
                 )
             if len(rows) < room:
-                # Drained. A delivery parked while this sweep ran is found by the next
-                # adoption, at most ADOPT_SECONDS later.
-                self._scheduler.drained(webhook_id)
+                # Drained, unless a delivery was parked while this sweep ran: the mark says.
+                self._scheduler.drained(webhook_id, mark)
             released += len(rows)
         if released:
             self._metrics.parked_released.inc(released)

@@ -16,6 +16,10 @@ parked backlog) — and gets one of five answers:
 An offer that waits is decided later: it starts when a slot frees, or, once the endpoint turns
 slow, fan-out's offers are queued and tasks deferred, so a hanging endpoint holds nothing.
 
+An endpoint with a ``rate_limit`` also needs a token of its bucket (:mod:`.pacing`) to start:
+fan-out's deliveries beyond the rate are parked, the sweeper releases them at the rate, and a
+task that finds no token waits here for its turn (or, past that, is deferred to it).
+
 It holds everything known per endpoint: the attempts in flight and when each started, a moving
 average of response times, the tasks queued from here that have not come round yet, the next
 deferral turn, whether a parked backlog exists, and the waiting line. It does no I/O and reads
@@ -36,11 +40,15 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
+from worker.pipeline.endpoint_state import (
+    FAST_SECONDS,
+    NO_WAITERS,
+    NOTHING_IN_FLIGHT,
+    EndpointState,
+)
 from worker.pipeline.offers import Decision, EndpointView, Offer, Route, Source
+from worker.pipeline.pacing import Bucket, share
 
-# An endpoint answering slower than this on average is slow: fan-out does not send to it
-# itself (the event would wait for it) and a full endpoint's new deliveries are parked.
-FAST_SECONDS = 0.25
 # How long a task of a slow endpoint at its cap may wait for a slot before it is deferred.
 HOLD_SECONDS = 0.25
 # Attempts at once to an endpoint not measured yet: a few probes, so a hanging one holds few.
@@ -57,39 +65,13 @@ FAST_ENDPOINT_TIERS = 3
 MAX_RELEASE = 1_000
 IDLE_FORGET_SECONDS = 300.0
 MAX_ENDPOINTS = 100_000
+# How long a task of an endpoint at its rate limit may wait here for its turn before it goes
+# back to the broker: the sweeper releases about half a second of the rate at a time.
+RATE_HOLD_SECONDS = 1.0
 
 
-# Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
-# waiting, and a deque of their own would cost 0.6 KB each. Replaced on first use.
-_NO_WAITERS: collections.deque[Offer] = collections.deque()
-_NOTHING_IN_FLIGHT: dict[int, float] = {}
-
-
-class _Endpoint:
-    __slots__ = (
-        "average",
-        "in_flight",
-        "next_turn",
-        "parked",
-        "queued",
-        "queued_at",
-        "used_at",
-        "waiting",
-    )
-
-    def __init__(self, now: float) -> None:
-        self.average: float | None = None
-        # Start times by ticket; dicts keep insertion order, so the first is the oldest.
-        self.in_flight = _NOTHING_IN_FLIGHT
-        self.waiting = _NO_WAITERS
-        self.queued = 0
-        self.queued_at = 0.0
-        self.next_turn = 0.0
-        self.parked = False
-        self.used_at = now
-
-    def idle(self) -> bool:
-        return not (self.in_flight or self.waiting or self.queued or self.parked)
+def _no_limits(_webhook_id: str) -> float | None:
+    return None
 
 
 class Scheduler:
@@ -99,13 +81,17 @@ class Scheduler:
         cap: int,
         global_cap: int,
         defer_tiers: Sequence[float],
+        rate_limits: Callable[[str], float | None] = _no_limits,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``rate_limits`` gives an endpoint's ``rate_limit`` (a lookup, no I/O), or None."""
         self._cap = cap
+        self._rate_limits = rate_limits
+        self._workers = 1
         self._global_cap = global_cap
         self._tiers = tuple(defer_tiers)
         self._clock = clock
-        self._endpoints: dict[str, _Endpoint] = {}
+        self._endpoints: dict[str, EndpointState] = {}
         self._tickets = itertools.count()
         self._in_flight = 0
         # Endpoints with a waiting line, for review() to look at.
@@ -119,7 +105,8 @@ class Scheduler:
         """Offer an attempt; the returned offer is decided now or, for WAIT, later."""
         now = self._clock()
         endpoint = self._endpoint(webhook_id, now)
-        slow = self._slow(endpoint, now)
+        self._pace(webhook_id, endpoint, now)
+        slow = endpoint.slow(now)
         if source is Source.NEW:
             return self._offer_new(webhook_id, endpoint, slow)
         return self._offer_task(webhook_id, endpoint, slow, deferrals, now)
@@ -133,20 +120,28 @@ class Scheduler:
             self.withdraw(offer)
             raise
 
-    def _offer_new(self, webhook_id: str, endpoint: _Endpoint, slow: bool) -> Offer:
+    def _offer_new(self, webhook_id: str, endpoint: EndpointState, slow: bool) -> Offer:
         offer = Offer(webhook_id, Source.NEW, None)
         if endpoint.parked:
             # New deliveries join the back of a parked backlog: they neither overtake it nor
             # crowd the slots the sweeper refills.
+            endpoint.park_mark += 1
             offer.settle(Decision(Route.PARK))
         elif slow:
             if len(endpoint.in_flight) + self._queued(endpoint) >= self._cap:
                 endpoint.parked = True
+                endpoint.park_mark += 1
                 offer.settle(Decision(Route.PARK))
             else:
                 offer.settle(Decision(Route.QUEUE))
         elif self._in_flight >= self._global_cap:
             offer.settle(Decision(Route.QUEUE))
+        elif endpoint.bucket is not None and not endpoint.bucket.ready(self._clock()):
+            # Beyond its rate limit: the backlog waits in the database and the sweeper
+            # releases it at the rate (see room).
+            endpoint.parked = True
+            endpoint.park_mark += 1
+            offer.settle(Decision(Route.PARK))
         elif not endpoint.waiting and len(endpoint.in_flight) < self._new_cap(endpoint):
             offer.settle(self._start(endpoint))
         else:
@@ -154,24 +149,25 @@ class Scheduler:
         return offer
 
     def _offer_task(
-        self, webhook_id: str, endpoint: _Endpoint, slow: bool, deferrals: int, now: float
+        self, webhook_id: str, endpoint: EndpointState, slow: bool, deferrals: int, now: float
     ) -> Offer:
-        if not slow:
+        if not slow and endpoint.bucket is None:
             offer = Offer(webhook_id, Source.TASK, None)
         elif len(endpoint.waiting) < self._cap:
-            offer = Offer(webhook_id, Source.TASK, now + HOLD_SECONDS)
+            hold = HOLD_SECONDS if slow else RATE_HOLD_SECONDS
+            offer = Offer(webhook_id, Source.TASK, now + hold)
         else:
             offer = Offer(webhook_id, Source.TASK, None)
             offer.settle(self._defer(endpoint, deferrals, now))
             return offer
-        if not endpoint.waiting and len(endpoint.in_flight) < self._cap:
+        if not endpoint.waiting and self._can_start(endpoint, now):
             offer.settle(self._start(endpoint))
             return offer
         self._enqueue(webhook_id, endpoint, offer)
         return offer
 
-    def _enqueue(self, webhook_id: str, endpoint: _Endpoint, offer: Offer) -> None:
-        if endpoint.waiting is _NO_WAITERS:
+    def _enqueue(self, webhook_id: str, endpoint: EndpointState, offer: Offer) -> None:
+        if endpoint.waiting is NO_WAITERS:
             endpoint.waiting = collections.deque()
         endpoint.waiting.append(offer)
         self._lines.add(webhook_id)
@@ -188,7 +184,7 @@ class Scheduler:
         endpoint = self._endpoints[webhook_id]
         started = endpoint.in_flight.pop(ticket)
         if not endpoint.in_flight:
-            endpoint.in_flight = _NOTHING_IN_FLIGHT
+            endpoint.in_flight = NOTHING_IN_FLIGHT
         self._in_flight -= 1
         if answered:
             seconds = now - started
@@ -199,16 +195,16 @@ class Scheduler:
         endpoint.used_at = now
         self._hand_on(webhook_id, endpoint, now)
 
-    def _hand_on(self, webhook_id: str, endpoint: _Endpoint, now: float) -> None:
+    def _hand_on(self, webhook_id: str, endpoint: EndpointState, now: float) -> None:
         """Give free slots to the waiting line, oldest first; once the endpoint turns slow,
         send fan-out's waiters to the parked backlog and tasks back to the broker."""
-        while endpoint.waiting and len(endpoint.in_flight) < self._cap:
+        while endpoint.waiting and self._can_start(endpoint, now):
             offer = endpoint.waiting.popleft()
             offer.settle(self._start(endpoint))
-        if endpoint.waiting and self._slow(endpoint, now):
+        if endpoint.waiting and endpoint.slow(now):
             self._evict(webhook_id, endpoint, now, everything=True)
         elif not endpoint.waiting:
-            endpoint.waiting = _NO_WAITERS
+            endpoint.waiting = NO_WAITERS
             self._lines.discard(webhook_id)
 
     def review(self) -> None:
@@ -217,11 +213,18 @@ class Scheduler:
         now = self._clock()
         for webhook_id in list(self._lines):
             endpoint = self._endpoints[webhook_id]
-            self._evict(webhook_id, endpoint, now, everything=self._slow(endpoint, now))
+            if endpoint.bucket is not None:
+                # Its turn may have come with time alone, not only with an attempt's end.
+                self._hand_on(webhook_id, endpoint, now)
+                if webhook_id not in self._lines:
+                    continue
+            self._evict(webhook_id, endpoint, now, everything=endpoint.slow(now))
         if now - self._forgotten_at >= IDLE_FORGET_SECONDS / 10:
             self._forget(now)
 
-    def _evict(self, webhook_id: str, endpoint: _Endpoint, now: float, *, everything: bool) -> None:
+    def _evict(
+        self, webhook_id: str, endpoint: EndpointState, now: float, *, everything: bool
+    ) -> None:
         kept: collections.deque[Offer] = collections.deque()
         for offer in endpoint.waiting:
             timed_out = offer.deadline is not None and offer.deadline <= now
@@ -233,7 +236,7 @@ class Scheduler:
                 offer.settle(Decision(Route.QUEUE))
             else:
                 offer.settle(self._defer(endpoint, 0, now))
-        endpoint.waiting = kept or _NO_WAITERS
+        endpoint.waiting = kept or NO_WAITERS
         if not kept:
             self._lines.discard(webhook_id)
 
@@ -245,7 +248,7 @@ class Scheduler:
         if offer.decision is None:
             endpoint.waiting.remove(offer)
             if not endpoint.waiting:
-                endpoint.waiting = _NO_WAITERS
+                endpoint.waiting = NO_WAITERS
                 self._lines.discard(offer.webhook_id)
         elif offer.decision.route is Route.START:
             self.finished(offer.webhook_id, offer.decision.ticket)
@@ -272,13 +275,20 @@ class Scheduler:
         over its response time, less what is in flight or queued for it already."""
         now = self._clock()
         endpoint = self._endpoint(webhook_id, now)
+        self._pace(webhook_id, endpoint, now)
         claimed = len(endpoint.in_flight) + self._queued(endpoint) + len(endpoint.waiting)
-        if claimed >= self._cap and self._slow(endpoint, now):
+        if claimed >= self._cap and endpoint.slow(now):
             return 0
-        estimate = self._estimate(endpoint, now)
+        estimate = endpoint.estimate(now)
         if estimate is None:
-            return max(0, self._cap - claimed)
-        return min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
+            room = max(0, self._cap - claimed)
+        else:
+            room = min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
+        if endpoint.bucket is not None:
+            # What its rate allows in that time, less what is released and not started yet.
+            allowed = endpoint.bucket.allowance(now, seconds) - self._queued(endpoint)
+            room = min(room, allowed - len(endpoint.waiting))
+        return max(0, room)
 
     def parked(self) -> list[str]:
         """Endpoints with a parked backlog that this worker sweeps."""
@@ -288,12 +298,24 @@ class Scheduler:
         """Sweep these endpoints' parked backlogs too (another worker may have parked them)."""
         now = self._clock()
         for webhook_id in webhook_ids:
-            self._endpoint(webhook_id, now).parked = True
+            endpoint = self._endpoint(webhook_id, now)
+            endpoint.parked = True
+            endpoint.park_mark += 1
 
-    def drained(self, webhook_id: str) -> None:
-        """The endpoint's parked backlog is empty: its new deliveries are decided afresh."""
+    def set_workers(self, count: int) -> None:
+        """How many workers share the endpoints' rate limits (see :mod:`.pacing`)."""
+        self._workers = max(1, count)
+
+    def park_mark(self, webhook_id: str) -> int:
+        """Taken by a sweep before it claims, and handed back to :meth:`drained`."""
         endpoint = self._endpoints.get(webhook_id)
-        if endpoint is not None:
+        return endpoint.park_mark if endpoint is not None else 0
+
+    def drained(self, webhook_id: str, mark: int) -> None:
+        """A sweep that took ``mark`` found the parked backlog empty: unless something was
+        parked (or adopted) since, the endpoint's new deliveries are decided afresh."""
+        endpoint = self._endpoints.get(webhook_id)
+        if endpoint is not None and endpoint.park_mark == mark:
             endpoint.parked = False
 
     # --- questions ------------------------------------------------------------------------
@@ -304,14 +326,14 @@ class Scheduler:
 
     def view(self, webhook_id: str) -> EndpointView:
         now = self._clock()
-        endpoint = self._endpoints.get(webhook_id) or _Endpoint(now)
+        endpoint = self._endpoints.get(webhook_id) or EndpointState(now)
         return EndpointView(
             in_flight=len(endpoint.in_flight),
             waiting=len(endpoint.waiting),
             queued=self._queued(endpoint),
             parked=endpoint.parked,
-            response_seconds=self._estimate(endpoint, now),
-            slow=self._slow(endpoint, now),
+            response_seconds=endpoint.estimate(now),
+            slow=endpoint.slow(now),
         )
 
     def __len__(self) -> int:
@@ -320,7 +342,7 @@ class Scheduler:
 
     # --- bookkeeping ----------------------------------------------------------------------
 
-    def _endpoint(self, webhook_id: str, now: float) -> _Endpoint:
+    def _endpoint(self, webhook_id: str, now: float) -> EndpointState:
         endpoint = self._endpoints.get(webhook_id)
         if endpoint is None:
             if len(self._endpoints) >= self._limit:
@@ -328,7 +350,7 @@ class Scheduler:
                 # Only idle records go; if the busy ones alone fill the table, let it grow
                 # rather than scan it again for every new endpoint.
                 self._limit = max(MAX_ENDPOINTS, 2 * len(self._endpoints))
-            endpoint = self._endpoints[webhook_id] = _Endpoint(now)
+            endpoint = self._endpoints[webhook_id] = EndpointState(now)
         else:
             endpoint.used_at = now
         return endpoint
@@ -345,42 +367,42 @@ class Scheduler:
             )
         }
 
-    def _start(self, endpoint: _Endpoint) -> Decision:
+    def _can_start(self, endpoint: EndpointState, now: float) -> bool:
+        if len(endpoint.in_flight) >= self._cap:
+            return False
+        return endpoint.bucket is None or endpoint.bucket.ready(now)
+
+    def _pace(self, webhook_id: str, endpoint: EndpointState, now: float) -> None:
+        """Give the endpoint its bucket, at this worker's share of its current rate limit."""
+        limit = self._rate_limits(webhook_id)
+        if limit is None:
+            endpoint.bucket = None
+        elif endpoint.bucket is None:
+            endpoint.bucket = Bucket(share(limit, self._workers), now)
+        else:
+            endpoint.bucket.rate = share(limit, self._workers)
+
+    def _start(self, endpoint: EndpointState) -> Decision:
         ticket = next(self._tickets)
-        if endpoint.in_flight is _NOTHING_IN_FLIGHT:
+        if endpoint.in_flight is NOTHING_IN_FLIGHT:
             endpoint.in_flight = {}
-        endpoint.in_flight[ticket] = self._clock()
+        now = self._clock()
+        endpoint.in_flight[ticket] = now
+        if endpoint.bucket is not None:
+            endpoint.bucket.take(now)
         self._in_flight += 1
         return Decision(Route.START, ticket=ticket)
 
-    def _new_cap(self, endpoint: _Endpoint) -> int:
+    def _new_cap(self, endpoint: EndpointState) -> int:
         """Fan-out's first attempts to an endpoint never measured are a few probes."""
         return self._cap if endpoint.average is not None else min(PROBES, self._cap)
 
-    def _queued(self, endpoint: _Endpoint) -> int:
+    def _queued(self, endpoint: EndpointState) -> int:
         if endpoint.queued and self._clock() - endpoint.queued_at > QUEUED_MEMORY_SECONDS:
             endpoint.queued = 0
         return endpoint.queued
 
-    @staticmethod
-    def _waited(endpoint: _Endpoint, now: float) -> float:
-        """How long the oldest attempt in flight has been waiting for its answer."""
-        return now - next(iter(endpoint.in_flight.values())) if endpoint.in_flight else 0.0
-
-    def _estimate(self, endpoint: _Endpoint, now: float) -> float | None:
-        waited = self._waited(endpoint, now)
-        if endpoint.average is None:
-            return waited or None
-        return max(endpoint.average, waited)
-
-    def _slow(self, endpoint: _Endpoint, now: float) -> bool:
-        """Slow once its average answer or its oldest attempt in flight passes FAST_SECONDS:
-        a hanging endpoint shows before its first answer comes."""
-        if self._waited(endpoint, now) >= FAST_SECONDS:
-            return True
-        return endpoint.average is not None and endpoint.average >= FAST_SECONDS
-
-    def _defer(self, endpoint: _Endpoint, deferrals: int, now: float) -> Decision:
+    def _defer(self, endpoint: EndpointState, deferrals: int, now: float) -> Decision:
         """The deferral tier for a task of a busy endpoint.
 
         A fast endpoint frees a slot soon: its tasks wait 1 s, then 5 s, then 30 s. A slow one
@@ -388,10 +410,15 @@ class Scheduler:
         successive turns that far apart, each waiting in the shortest tier reaching its turn.
         """
         at_least = self._tiers[min(deferrals, FAST_ENDPOINT_TIERS - 1, len(self._tiers) - 1)]
-        estimate = self._estimate(endpoint, now)
-        if estimate is None or estimate < FAST_SECONDS:
+        estimate = endpoint.estimate(now)
+        if endpoint.bucket is not None:
+            # At its rate limit: one turn per 1/rate seconds, whatever its answers' speed.
+            spacing = max(1 / endpoint.bucket.rate, (estimate or 0.0) / self._cap)
+        elif estimate is None or estimate < FAST_SECONDS:
             return Decision(Route.DEFER, delay=at_least)
-        turn = max(now, endpoint.next_turn) + estimate / self._cap
+        else:
+            spacing = estimate / self._cap
+        turn = max(now, endpoint.next_turn) + spacing
         endpoint.next_turn = turn
         wait = max(turn - now, at_least)
         delay = next((tier for tier in self._tiers if tier >= wait), self._tiers[-1])

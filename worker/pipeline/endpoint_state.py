@@ -1,0 +1,69 @@
+"""What the scheduler keeps per endpoint (:mod:`worker.pipeline.scheduler` decides with it)."""
+
+from __future__ import annotations
+
+import collections
+
+from worker.pipeline.offers import Offer
+from worker.pipeline.pacing import Bucket
+
+# An endpoint answering slower than this on average is slow: fan-out does not send to it
+# itself (the event would wait for it) and a full endpoint's new deliveries are parked.
+FAST_SECONDS = 0.25
+
+# Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
+# waiting, and a deque of their own would cost 0.6 KB each. Replaced on first use.
+NO_WAITERS: collections.deque[Offer] = collections.deque()
+NOTHING_IN_FLIGHT: dict[int, float] = {}
+
+
+class EndpointState:
+    __slots__ = (
+        "average",
+        "bucket",
+        "in_flight",
+        "next_turn",
+        "park_mark",
+        "parked",
+        "queued",
+        "queued_at",
+        "used_at",
+        "waiting",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.average: float | None = None
+        # Start times by ticket; dicts keep insertion order, so the first is the oldest.
+        self.in_flight = NOTHING_IN_FLIGHT
+        self.waiting = NO_WAITERS
+        self.queued = 0
+        self.queued_at = 0.0
+        self.next_turn = 0.0
+        self.parked = False
+        # Counts every decision to park and every adoption: a sweep that found the backlog
+        # empty clears ``parked`` only if nothing was parked since it looked (see drained).
+        self.park_mark = 0
+        # Only for an endpoint with a rate limit.
+        self.bucket: Bucket | None = None
+        self.used_at = now
+
+    def idle(self) -> bool:
+        return not (self.in_flight or self.waiting or self.queued or self.parked)
+
+    def waited(self, now: float) -> float:
+        """How long the oldest attempt in flight has been waiting for its answer."""
+        return now - next(iter(self.in_flight.values())) if self.in_flight else 0.0
+
+    def estimate(self, now: float) -> float | None:
+        """Its response time as known now: the average, or longer while one is overdue."""
+        waited = self.waited(now)
+        if self.average is None:
+            return waited or None
+        return max(self.average, waited)
+
+    def slow(self, now: float) -> bool:
+        """Slow once its average answer or its oldest attempt in flight passes FAST_SECONDS:
+        a hanging endpoint shows before its first answer comes."""
+        if self.waited(now) >= FAST_SECONDS:
+            return True
+        return self.average is not None and self.average >= FAST_SECONDS
