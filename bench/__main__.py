@@ -19,6 +19,7 @@ from bench import report
 from bench.harness import QUICK, Bench, Outcome, Sizes
 from bench.infra import Progress, postgres_database, tls_files, vhost
 from bench.load import EventPublisher
+from bench.otlp import run_otlp_sink, services_tracing
 from bench.procs import REPO_ROOT
 from bench.receiver import run_receiver
 from bench.scenarios import NGINX_SCENARIOS, SCENARIOS
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a worker setting, without the SELLFERN_WEBHOOKS_ prefix (repeatable), "
         "e.g. --set ENDPOINT_CONCURRENCY=64",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="the service's processes export their spans over OTLP/HTTP to a sink of the run "
+        "(compare the worker CPU per delivery with and without)",
     )
     parser.add_argument(
         "--receiver-procs",
@@ -151,6 +158,10 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
             run_receiver(tls.cert, tls.key, args.receiver_procs, log_dir)
         )
         progress(f"receiver listening at {receiver.base_url} ({args.receiver_procs} process(es))")
+        otlp = await stack.enter_async_context(run_otlp_sink()) if args.tracing else None
+        stack.enter_context(services_tracing(otlp))
+        if otlp is not None:
+            progress(f"services export their spans to {otlp.url}")
         sink = None
         if NGINX_SCENARIOS.intersection(names):
             sink = await stack.enter_async_context(run_sink(tls.cert, tls.key, log_dir, progress))
@@ -184,6 +195,8 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
         for name in names:
             progress(f"== {name}")
             outcomes[name] = await SCENARIOS[name](bench, outcomes)
+        if otlp is not None:
+            progress(f"the OTLP sink got {otlp.exports} exports, {otlp.bytes} bytes")
         progress("cleaning up")
 
     results = [outcomes[name] for name in names]
@@ -194,11 +207,13 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
         "worker_settings": args.worker_settings,
         "receiver_procs": args.receiver_procs,
         "quick": args.quick,
+        "tracing": args.tracing,
     }
     meta = {
         "started_at": started.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "command": ["python", "-m", "bench", *sys.argv[1:]],
+        "otlp_exports": None if otlp is None else {"posts": otlp.exports, "bytes": otlp.bytes},
     }
     report.write_json(output, results, config, meta)
     print(f"\nresults written to {output}; logs in {log_dir}")

@@ -57,6 +57,8 @@ class Sizes:
     live_isolation_seconds: float = 20
     drain_timeout: float = 600  # give up waiting for a drain after this long
     query_attempts: int = 1_000_000  # the store the find-and-search calls run over
+    query_endpoints: int = 1_000  # organizations of 10
+    ordered_events: int = 3_000  # for one ordered endpoint
     query_requests: int = 200  # of each call
 
 
@@ -77,6 +79,8 @@ QUICK = Sizes(
     live_isolation_seconds=3,
     drain_timeout=20,
     query_attempts=20_000,
+    query_endpoints=20,
+    ordered_events=100,
     query_requests=20,
 )
 

@@ -28,6 +28,7 @@ from bench.harness import (
 )
 from bench.live import live_isolation
 from bench.load import bare_client, order_event, wire_events
+from bench.ordered import ordered
 from bench.queries import queries
 from bench.recovery import recovery
 from schemas.events import EVENT_TYPES
@@ -328,6 +329,7 @@ SCENARIOS: dict[str, Scenario] = {
     "backlog": backlog,
     "queries": queries,
     "recovery": recovery,
+    "ordered": ordered,
 }
 # The scenarios whose deliveries go to nginx (bench.sink) rather than the Python receiver.
-NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery"})
+NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery", "ordered"})

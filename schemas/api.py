@@ -10,9 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from schemas.events import EVENT_TYPES, EventType
+from schemas.headers import CustomHeaders
 from schemas.times import Rfc3339
 
 MAX_URL_LENGTH = 2048
@@ -29,8 +39,52 @@ EventList = Annotated[
 ]
 
 
+MAX_RATE_LIMIT = 10_000
+# DELIVERY_TIMEOUT's own upper bound; the API lowers it to the service's setting (below).
+MAX_TIMEOUT_SECONDS = 300
+
+Headers = Annotated[CustomHeaders | None, Field(description="null: none.")]
+RateLimit = Annotated[
+    int | None,
+    Field(
+        strict=True,
+        ge=1,
+        le=MAX_RATE_LIMIT,
+        description="Attempts per second across all workers; null: no limit.",
+    ),
+]
+TimeoutSeconds = Annotated[
+    int | None,
+    Field(
+        strict=True,
+        ge=1,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Seconds one attempt may take, connect to last byte; at most the "
+        "service's DELIVERY_TIMEOUT, which is also the default (null).",
+    ),
+]
+Ordered = Annotated[
+    bool,
+    Field(
+        strict=True,
+        description="Attempts start one at a time, in the order the events were received.",
+    ),
+]
+
+
 def _dedupe(events: list[EventType]) -> list[EventType]:
     return list(dict.fromkeys(events))
+
+
+def _within_delivery_timeout(timeout: int | None, info: ValidationInfo) -> int | None:
+    """The API validates with its settings as context: an endpoint may only lower the
+    service's ``DELIVERY_TIMEOUT``."""
+    limit = (info.context or {}).get("delivery_timeout")
+    if timeout is not None and limit is not None and timeout > limit:
+        raise PydanticCustomError(
+            "timeout", "at most DELIVERY_TIMEOUT, {limit} seconds here", {"limit": f"{limit:g}"}
+        )
+    return timeout
 
 
 class WebhookCreate(BaseModel):
@@ -40,8 +94,13 @@ class WebhookCreate(BaseModel):
     events: EventList
     description: Description = ""
     enabled: bool = True
+    headers: Headers = None
+    rate_limit: RateLimit = None
+    timeout_seconds: TimeoutSeconds = None
+    ordered: Ordered = False
 
     _unique_events = field_validator("events")(_dedupe)
+    _timeout = field_validator("timeout_seconds")(_within_delivery_timeout)
 
 
 class WebhookUpdate(BaseModel):
@@ -51,11 +110,17 @@ class WebhookUpdate(BaseModel):
     events: EventList | None = Field(default=None, description="Replaces the whole list.")
     enabled: bool | None = Field(default=None, description="false pauses delivery at once.")
     description: Description | None = None
+    headers: Headers = Field(default=None, description="Replaces the whole set; null: none.")
+    rate_limit: RateLimit = None
+    timeout_seconds: TimeoutSeconds = None
+    ordered: Ordered | None = None
 
     @field_validator("events")
     @classmethod
     def _unique_events(cls, events: list[EventType] | None) -> list[EventType] | None:
         return _dedupe(events) if events is not None else None
+
+    _timeout = field_validator("timeout_seconds")(_within_delivery_timeout)
 
 
 class Webhook(BaseModel):
@@ -66,6 +131,12 @@ class Webhook(BaseModel):
     events: list[str]
     enabled: bool
     description: str
+    headers: dict[str, str] = Field(description="Extra request headers of every attempt.")
+    rate_limit: int | None = Field(description="Attempts per second; null: no limit.")
+    timeout_seconds: Annotated[int | float, WithJsonSchema({"type": "number"})] = Field(
+        description="Seconds one attempt may take; the service's DELIVERY_TIMEOUT unless set."
+    )
+    ordered: bool
     created_at: datetime
     updated_at: datetime
     disabled_reason: str | None = Field(

@@ -7,6 +7,10 @@ The event goes to the durable topic exchange ``sellfern.events`` with the event 
 routing key, persistent and mandatory, and the call returns only once the broker has
 confirmed it. It raises :class:`PublishError` — never hangs — when the broker cannot be
 reached in time, refuses the message, or has no queue bound for it.
+
+When the caller is inside an OpenTelemetry span, its context goes with the event as the AMQP
+headers ``traceparent`` (and ``tracestate``), and the service's spans and the receiver's
+request continue that trace.
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractConnection, HeadersType
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pamqp.commands import Basic
 
 from schemas.events import EventEnvelope, new_event_id
 
 EVENTS_EXCHANGE = "sellfern.events"
+# W3C Trace Context whatever propagators the publisher has configured: it is the contract.
+_W3C = TraceContextTextMapPropagator()
 
 
 class PublishError(Exception):
     """The event was not confirmed by the broker; it may be published again safely."""
+
+
+def trace_headers() -> dict[str, str]:
+    """The current span's context as W3C headers (``traceparent``, and ``tracestate`` when it
+    has one); empty outside a span."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier
 
 
 def build_event(
@@ -54,12 +69,14 @@ async def publish_envelope(
 ) -> None:
     """Publish one envelope and wait for the broker's confirm."""
     body = envelope.model_dump_json().encode()
+    headers: HeadersType = dict(trace_headers())
     message = aio_pika.Message(
         body,
         message_id=envelope.id,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         timestamp=datetime.now(UTC),
+        headers=headers,
     )
     try:
         async with asyncio.timeout(timeout):

@@ -71,7 +71,7 @@ async def test_token_create_list_revoke(sqlite_env: dict[str, str]) -> None:
 def test_token_create_rejects_unknown_scope_and_bad_org(sqlite_env: dict[str, str]) -> None:
     result = run_cli("token", "create", "--org", "org_x", "--scope", "admin", env=sqlite_env)
     assert result.returncode == 2
-    assert "invalid choice" in result.stderr
+    assert "argument --scope: 'admin': a scope is resource:action" in result.stderr
     result = run_cli("token", "create", "--org", "org x", "--scope", "webhooks:manage",
                      env=sqlite_env)  # fmt: skip
     assert result.returncode == 2

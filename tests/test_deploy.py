@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
@@ -35,6 +36,7 @@ Manifest = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kustomize" / "base"
+OVERLAYS = DEPLOY / "kustomize" / "overlays"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -498,6 +500,133 @@ def test_service_monitor_scrapes_both_services() -> None:
     for service in services:
         assert _selects(spec["selector"], service["metadata"]["labels"])
         assert endpoint_ports & {p["name"] for p in service["spec"]["ports"]}
+
+
+# --- overlays ------------------------------------------------------------------------------
+
+RENDERED_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"}
+
+
+def _merge(base: Any, patch: Any) -> Any:  # noqa: ANN401 - any YAML value
+    """A strategic-merge patch as the overlays here write them: maps merge key by key; any other
+    value, lists included, replaces the one it patches."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    return patch
+
+
+def _render(directory: Path) -> list[Manifest]:
+    """What `kubectl kustomize directory` builds, for the fields these kustomizations use:
+    resources (files, or directories with a kustomization), patches by kind and name, the
+    namespace, metadata labels and images. Any other field fails, rather than being ignored."""
+    (kustomization,) = _yaml_documents(directory / "kustomization.yaml")
+    assert set(kustomization) <= RENDERED_FIELDS, f"{directory}: a field _render does not apply"
+    docs: list[Manifest] = []
+    for entry in kustomization["resources"]:
+        path = directory / entry
+        docs += _render(path) if path.is_dir() else _yaml_documents(path)
+    for entry in kustomization.get("patches", []):
+        assert set(entry) == {"path"}, entry
+        (patch,) = _yaml_documents(directory / entry["path"])
+        key = (patch["kind"], patch["metadata"]["name"])
+        found = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == key]
+        assert len(found) == 1, f"{entry['path']} patches exactly one resource"
+        docs[found[0]] = _merge(docs[found[0]], patch)
+    images = {i["name"]: i for i in kustomization.get("images", [])}
+    for doc in docs:
+        metadata = doc["metadata"]
+        if "namespace" in kustomization:
+            metadata["namespace"] = kustomization["namespace"]
+        for labels in kustomization.get("labels", []):
+            metadata["labels"] = {**metadata.get("labels", {}), **labels["pairs"]}
+        if doc["kind"] in ("Deployment", "Job"):
+            for container in _containers(doc):
+                if container["image"] in images:
+                    image = images[container["image"]]
+                    name = image.get("newName", image["name"])
+                    container["image"] = f"{name}:{image['newTag']}"
+    return docs
+
+
+def _overlays() -> list[Path]:
+    return sorted(path.parent for path in OVERLAYS.glob("*/kustomization.yaml"))
+
+
+def test_rendering_the_base_applies_what_kustomize_would() -> None:
+    rendered = _render(BASE)
+    assert [(d["kind"], d["metadata"]["name"]) for d in rendered] == [
+        (d["kind"], d["metadata"]["name"]) for d in _applied()
+    ]
+    assert {d["metadata"]["namespace"] for d in rendered} == {_kustomization()["namespace"]}
+    worker = next(d for d in rendered if d["metadata"]["name"] == "sellfern-webhooks-worker")
+    assert (
+        _containers(worker)[0]["image"]
+        == "sellfern-webhooks:" + _kustomization()["images"][0]["newTag"]
+    )
+    assert "egress-proxy" in {overlay.name for overlay in _overlays()}
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        pytest.param(doc, id=f"{overlay.name}:{doc['kind']}/{doc['metadata']['name']}")
+        for overlay in _overlays()
+        for doc in _render(overlay)
+        if (doc["apiVersion"], doc["kind"]) not in CUSTOM_RESOURCES
+    ],
+)
+def test_overlay_renders_manifests_that_validate(manifest: Manifest) -> None:
+    kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_egress_proxy_overlay_lets_the_worker_reach_only_the_proxy_and_its_backends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rendered = _render(OVERLAYS / "egress-proxy")
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    config = by_name["ConfigMap", "sellfern-webhooks-config"]["data"]
+    base_config = _one("ConfigMap", "sellfern-webhooks-config")["data"]
+    assert config.items() > base_config.items(), "the base's settings stay as they are"
+    proxy = urlsplit(config["SELLFERN_WEBHOOKS_EGRESS_PROXY_URL"])
+    policies = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    for policy in policies:
+        assert all(rule["to"] and rule["ports"] for rule in policy["spec"]["egress"])
+
+    worker = _pod_labels(by_name["Deployment", "sellfern-webhooks-worker"])
+    rules = list(_allowed_ports(policies, worker))
+    assert not [peer for rule in rules for peer in rule["to"] if "ipBlock" in peer], (
+        "the worker has no direct route to any address block, the internet included"
+    )
+    ports = {(p.get("protocol", "TCP"), p["port"]) for rule in rules for p in rule["ports"]}
+    # DNS, PostgreSQL, RabbitMQ and the proxy (its Service exposes the container's port).
+    assert ports == {("UDP", 53), ("TCP", 53), ("TCP", 5432), ("TCP", 5672), ("TCP", proxy.port)}
+    (to_proxy,) = [r for r in rules if {p["port"] for p in r["ports"]} == {proxy.port}]
+    assert all(peer["podSelector"]["matchLabels"] for peer in to_proxy["to"])
+    assert all("namespaceSelector" in peer for peer in to_proxy["to"])
+
+    # The API's test sends and redeliveries take the proxy as well.
+    api = _pod_labels(by_name["Deployment", "sellfern-webhooks-api"])
+    assert to_proxy in list(_allowed_ports(policies, api))
+    # The migration Job still reaches nothing outside the cluster.
+    job = _pod_labels(by_name["Job", "sellfern-webhooks-migrate"])
+    assert not [
+        p for r in _allowed_ports(policies, job) for p in r["ports"] if p["port"] == proxy.port
+    ]
+
+    for variable in [k for k in os.environ if k.startswith("SELLFERN_WEBHOOKS_")]:
+        monkeypatch.delenv(variable)
+    (secret,) = _yaml_documents(BASE / "secret.example.yaml")
+    secrets = {
+        **secret["stringData"],
+        "SELLFERN_WEBHOOKS_SECRET_KEYS": Fernet.generate_key().decode(),
+    }
+    for key, value in {**config, **secrets}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        settings = Settings.load()
+    except SettingsError as exc:  # the message names the bad variable
+        pytest.fail(str(exc))
+    assert settings.egress_proxy_url == config["SELLFERN_WEBHOOKS_EGRESS_PROXY_URL"]
 
 
 # --- Prometheus rules and Grafana dashboard ------------------------------------------------

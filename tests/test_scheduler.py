@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from worker.pipeline import endpoint_state
 from worker.pipeline import scheduler as sched
 from worker.pipeline.offers import Decision, Offer, Route, Source
 from worker.pipeline.scheduler import Scheduler
@@ -86,12 +87,12 @@ def test_an_endpoint_hanging_before_its_first_answer() -> None:
     offers = [s.offer("wh_hang", Source.NEW) for _ in range(4)]
     routes = [o.decision.route if o.decision else None for o in offers]
     assert routes == [Route.START] * sched.PROBES + [None] * (4 - sched.PROBES)
-    clock.advance(sched.FAST_SECONDS / 2)
+    clock.advance(endpoint_state.FAST_SECONDS / 2)
     s.review()
     assert offers[-1].decision is None  # not slow yet
     # The probes hang: once the oldest has waited past FAST_SECONDS it is slow, and what
     # waited for it goes to the queue instead of holding its events.
-    clock.advance(sched.FAST_SECONDS / 2)
+    clock.advance(endpoint_state.FAST_SECONDS / 2)
     s.review()
     assert [decided(o).route for o in offers[sched.PROBES :]] == [Route.QUEUE] * 2
     for _ in offers[sched.PROBES :]:
@@ -169,7 +170,7 @@ def test_a_fast_endpoints_deferred_tasks_use_the_short_tiers(deferrals: int, del
     s, clock = make(cap=1)
     measure(s, clock, "wh_a", 0.01)
     s.offer("wh_a", Source.TASK)
-    clock.advance(sched.FAST_SECONDS)  # the one in flight hangs: slow now, its line full
+    clock.advance(endpoint_state.FAST_SECONDS)  # the one in flight hangs: slow now, its line full
     assert s.offer("wh_a", Source.TASK).decision is None  # waits briefly: the line is full
     assert decided(s.offer("wh_a", Source.TASK, deferrals)).delay == delay
 

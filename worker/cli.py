@@ -21,7 +21,9 @@ from worker.settings import Settings, SettingsError
 from worker.startup import UnreachableError
 from worker.store import Store, crypto, database
 
-KNOWN_SCOPES = ("webhooks:manage",)
+# Any resource:action scope may be given; only webhooks:manage opens the management API.
+SCOPE_PATTERN = r"[A-Za-z0-9_.-]{1,64}:[A-Za-z0-9_.-]{1,64}"
+MANAGE_SCOPE = "webhooks:manage"
 SECRET_COMMANDS = ("serve", "api", "worker", "rotate-keys")
 
 
@@ -29,6 +31,14 @@ def _organization_id(value: str) -> str:
     if not re.fullmatch(ORGANIZATION_ID_PATTERN, value):
         raise argparse.ArgumentTypeError(
             f"{value!r}: 1 to 64 letters, digits or _ . : - (e.g. org_acme)"
+        )
+    return value
+
+
+def _scope(value: str) -> str:
+    if not re.fullmatch(SCOPE_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a scope is resource:action (letters, digits, _ . -), e.g. {MANAGE_SCOPE}"
         )
     return value
 
@@ -57,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--org", required=True, type=_organization_id, help="organization id, e.g. org_acme"
     )
-    create.add_argument("--scope", action="append", required=True, choices=KNOWN_SCOPES)
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        type=_scope,
+        help=f"resource:action; repeat for several ({MANAGE_SCOPE} opens the management API)",
+    )
     create.add_argument("--name", default="", help="a label for the token")
     token.add_parser("list", help="list tokens (never their values)")
     revoke = token.add_parser("revoke", help="revoke a token; takes effect at once")
@@ -133,6 +149,9 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
             print(
                 f"created token {token.id} for {token.org_id} with scopes {' '.join(token.scopes)}"
             )
+            if MANAGE_SCOPE not in token.scopes:
+                print(f"note: without {MANAGE_SCOPE} this token is refused by the management "
+                      "API (403 missing_scope)", file=sys.stderr)  # fmt: skip
             print("store it now; it is not shown again:")
             print(plaintext)
         elif args.token_command == "list":  # noqa: S105

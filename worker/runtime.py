@@ -9,8 +9,8 @@ consumers' channels, the batch writer and its background loops. On SIGTERM (or `
    ``terminationGracePeriodSeconds``), flushes the writer and closes its channels — see
    :mod:`worker.pipeline.worker`;
 2. then the exit stack unwinds what the process opened, newest first: the API server, the
-   health checks, the HTTP session, the publish channel, the broker connection and, last,
-   the database engine.
+   health checks, the HTTP session, the publish channel, the broker connection, the database
+   engine and, last, the tracer provider, which exports the spans it still holds.
 
 A message is settled before its channel goes, so nothing is lost and nothing is redone.
 """
@@ -30,10 +30,12 @@ from aiohttp import web
 
 from worker.api import routes as api
 from worker.api import table
-from worker.api.appkeys import ATTEMPTS, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.appkeys import ATTEMPTS, JWT_VERIFIER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.jwt_tokens import JwksFetcher, JwtVerifier
 from worker.api.ratelimit import RateLimiter
 from worker.ops.health import Health, health_routes
 from worker.ops.metrics import Metrics
+from worker.ops.tracing import Tracing, open_tracing
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptEffects
 from worker.pipeline.manual import ManualAttempts
@@ -66,6 +68,7 @@ class Running:
     health: Health | None = None
     worker: PipelineWorker | None = None
     api_app: web.Application | None = None
+    tracing: Tracing | None = None
 
 
 async def _start_site(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> int:
@@ -86,15 +89,31 @@ def build_api_app(
     attempts: ManualAttempts,
     notifier: ChangeNotifier,
     health: Health,
+    tracing: Tracing,
 ) -> web.Application:
-    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=api.api_middlewares())
+    # Tracing outermost: its span covers the whole request and sees the final status.
+    middlewares = [*tracing.middlewares(api.BASE), *api.api_middlewares()]
+    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=middlewares)
     app[SETTINGS] = settings
     app[STORE] = store
     app[METRICS] = metrics
     app[ATTEMPTS] = attempts
     app[NOTIFIER] = notifier
     app[api.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    if settings.jwt_jwks_url:
+        # Keys are fetched on the first JWT, not at start-up: the API serves local tokens
+        # even while the identity provider is unreachable.
+        fetcher = JwksFetcher(settings.jwt_jwks_url, settings.ca_bundle)
+        app.cleanup_ctx.append(fetcher.session_context)
+        app[JWT_VERIFIER] = JwtVerifier.from_settings(settings, fetcher)
     table.add_routes(app)
+    app.router.add_routes(health_routes(health, metrics))
+    return app
+
+
+def _health_app(health: Health, metrics: Metrics) -> web.Application:
+    """The worker's own server: health checks and metrics only."""
+    app = web.Application()
     app.router.add_routes(health_routes(health, metrics))
     return app
 
@@ -134,6 +153,8 @@ async def run(
             loop.add_signal_handler(sig, stop.set)
 
     async with AsyncExitStack() as stack:
+        # Closed last, once every span has ended.
+        tracing = await stack.enter_async_context(open_tracing(settings))
         metrics = Metrics()
         engine = database.create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
@@ -142,7 +163,7 @@ async def run(
             database.ensure_schema(engine, auto_migrate=settings.is_sqlite),
         )
         store = Store(engine, box)
-        running = Running(settings, store, metrics)
+        running = Running(settings, store, metrics, tracing=tracing)
 
         connection = await reach_broker(
             settings.amqp_url, client_properties={"connection_name": f"sellfern-webhooks {role}"}
@@ -163,21 +184,19 @@ async def run(
         running.health = health
 
         if role in ("api", "serve"):
-            attempts = ManualAttempts(store, sender, effects)
+            attempts = ManualAttempts(store, sender, effects, tracing)
             app = running.api_app = build_api_app(
-                settings, store, metrics, attempts, ChangeNotifier(topo), health
+                settings, store, metrics, attempts, ChangeNotifier(topo), health, tracing
             )
             running.api_port = await _start_site(stack, app, settings.api_host, settings.api_port)
         if role == "worker":
-            health_app = web.Application()
-            health_app.router.add_routes(health_routes(health, metrics))
             running.metrics_port = await _start_site(
-                stack, health_app, settings.api_host, settings.metrics_port
+                stack, _health_app(health, metrics), settings.api_host, settings.metrics_port
             )
         worker = None
         if role in ("worker", "serve"):
             worker = PipelineWorker(
-                settings, store, metrics, connection, topo, sender, publisher, effects
+                settings, store, metrics, connection, topo, sender, publisher, effects, tracing
             )
             # Registered last, so that on a failed start it is stopped first; on a normal stop
             # it is stopped below, explicitly, before anything it uses is closed.

@@ -10,8 +10,9 @@ import binascii
 import ipaddress
 from base64 import urlsafe_b64decode
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     delivery_timeout: float = Field(default=15, gt=0, le=300)
     ca_bundle: str | None = None
     allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    # An HTTP proxy that every delivery tunnels through with CONNECT (worker.pipeline.egress);
+    # unset, deliveries connect directly. It may carry credentials: never echo it.
+    egress_proxy_url: str | None = None
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Fernet keys sealing the signing secrets at rest; the first seals, all open
@@ -57,6 +61,12 @@ class Settings(BaseSettings):
     # Per API token, per process: a token bucket refilled at this rate, holding at most BURST.
     rate_limit_per_second: float = Field(default=20, gt=0)
     rate_limit_burst: int = Field(default=100, ge=1)
+    # The platform's identity provider (worker.api.jwt_tokens): with JWT_JWKS_URL set, bearer
+    # tokens may also be its JWTs (RS256/ES256), and JWT_ISSUER and JWT_AUDIENCE are required.
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = Field(default=None, validate_default=True)
+    jwt_audience: str | None = Field(default=None, validate_default=True)
+    jwt_org_claim: str = Field(default="org_id", min_length=1)
 
     # Tuning knobs; the defaults suit one worker process on two cores.
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
@@ -66,6 +76,19 @@ class Settings(BaseSettings):
     auto_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
     # Events and attempts older than this are pruned by the worker, hourly.
     retention_days: float = Field(default=30, gt=0)
+
+    # Tracing (worker.ops.tracing): the standard OpenTelemetry variables, without the prefix.
+    # Without an endpoint no span is recorded; OTEL_SDK_DISABLED=true turns it off regardless.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    otel_service_name: str = Field(
+        default="sellfern-webhooks", validation_alias="OTEL_SERVICE_NAME"
+    )
+    otel_sdk_disabled: str = Field(default="", validation_alias="OTEL_SDK_DISABLED")
 
     @field_validator("database_url")
     @classmethod
@@ -110,6 +133,47 @@ class Settings(BaseSettings):
             )
         except ValueError as exc:
             raise ValueError(f"expected comma-separated CIDRs such as 127.0.0.0/8: {exc}") from None
+
+    @field_validator("egress_proxy_url")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # an empty variable, as a ConfigMap leaves it, means no proxy
+        url = urlsplit(value.strip())
+        example = "such as http://egress-proxy:4750"
+        if url.scheme != "http":
+            raise ValueError(f"must be an http:// URL {example} (deliveries tunnel with CONNECT)")
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if not url.hostname or port is None:
+            raise ValueError(f"must name the proxy's host and port, {example}")
+        if url.path not in ("", "/") or url.query or url.fragment:
+            raise ValueError(f"must hold only the proxy's address, {example}")
+        return value.strip()
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # an empty variable, as a ConfigMap leaves it, means no JWTs
+        url = urlsplit(value.strip())
+        if url.scheme != "https" or not url.hostname:
+            # The keys decide which tokens are genuine: they must come over TLS.
+            raise ValueError(
+                "must be an https:// URL, such as https://id.example.com/.well-known/jwks.json"
+            )
+        return value.strip()
+
+    @field_validator("jwt_issuer", "jwt_audience")
+    @classmethod
+    def _needed_with_jwks(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = value.strip() if value else None
+        # Fields validate in order, so the URL (declared first) is in ``info.data`` if valid.
+        if not value and info.data.get("jwt_jwks_url"):
+            raise ValueError("must be set when SELLFERN_WEBHOOKS_JWT_JWKS_URL is set")
+        return value or None
 
     @field_validator("secret_keys", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from worker.api.jwt_tokens import JwtVerifier
 from worker.ops.metrics import Metrics
 from worker.pipeline.manual import ManualAttempts
 from worker.pipeline.matcher import ChangeNotifier
@@ -15,3 +16,5 @@ STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 ATTEMPTS = web.AppKey("attempts", ManualAttempts)
 NOTIFIER = web.AppKey("notifier", ChangeNotifier)
+# Set only when JWT_JWKS_URL is: without it, a JWT is one more unknown token.
+JWT_VERIFIER = web.AppKey("jwt_verifier", JwtVerifier)

@@ -39,10 +39,18 @@ _BODY_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "url": "https://example.com/webhooks",
         "events": ["order.created", "order.status_changed"],
         "description": "ERP",
+        "headers": {"X-Api-Key": "k_live_1234"},
+        "timeout_seconds": 5,
     },
     models.WebhookUpdate: {"events": ["order.created"], "enabled": False},
 }
 _Refs = dict[type[BaseModel], dict[str, Any]]
+_BEARER_DESCRIPTION = (
+    "A token from `sellfern-webhooks token create`, or, where the service is configured with "
+    "the platform's identity provider (`JWT_JWKS_URL`), one of its access tokens: a JWT signed "
+    "with RS256 or ES256, naming the organization in its organization claim (default `org_id`) "
+    "and the scopes in `scope` or `scp`. Every call needs scope `webhooks:manage`."
+)
 
 
 def _content(schema: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +151,13 @@ def openapi_document(routes: tuple[Route, ...], base: str) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": _BEARER_DESCRIPTION,
+                }
+            },
         },
         "paths": paths,
     }

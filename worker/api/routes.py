@@ -15,8 +15,10 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from schemas import api as models
-from worker.api.appkeys import ATTEMPTS, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.appkeys import ATTEMPTS, JWT_VERIFIER, METRICS, NOTIFIER, SETTINGS, STORE
+from worker.api.jwt_tokens import InvalidJwtError, looks_like_jwt
 from worker.api.ratelimit import RateLimiter
+from worker.api.resources import webhook_resource, with_secret
 from worker.pipeline import guard
 from worker.store.records import Attempt, Token, Webhook
 
@@ -61,7 +63,8 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
+        # A bad dict key is located as (field, key, "[key]"): shown as field.key, as a value is.
+        where = ".".join(str(p) for p in item["loc"] if p != "[key]") or "body"
         parts.append(f"{where}: {item['msg']}")
     return "; ".join(parts)
 
@@ -112,11 +115,27 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
 
 
+async def _authenticate(request: web.Request, credentials: str) -> Token:
+    """The token's principal: the identity provider's JWT, or a token this service issued."""
+    verifier = request.app.get(JWT_VERIFIER)
+    if verifier is not None and looks_like_jwt(credentials):
+        try:
+            return await verifier.authenticate(credentials)
+        except InvalidJwtError as exc:
+            raise ApiError(401, "invalid_token", str(exc)) from None
+    token = await request.app[STORE].tokens.authenticate(credentials)
+    if token is None:
+        raise ApiError(401, "invalid_token", "the token is unknown or revoked")
+    return token
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer-token auth with scope ``webhooks:manage`` on every ``/api/v2`` call but the spec.
 
-    Each token is rate limited (429 ``rate_limited`` with ``Retry-After``) once it is known.
+    A token is one of ours or, with ``JWT_JWKS_URL`` set, the identity provider's JWT; both
+    yield a :class:`Token`, so scope and organization rules are the same. Each token is rate
+    limited (429 ``rate_limited`` with ``Retry-After``) once it is known.
     """
     if not request.path.startswith(BASE) or request.path == OPENAPI_PATH:
         return await handler(request)
@@ -124,9 +143,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         raise ApiError(401, "invalid_token", "send Authorization: Bearer <token>")
-    token = await request.app[STORE].tokens.authenticate(credentials.strip())
-    if token is None:
-        raise ApiError(401, "invalid_token", "the token is unknown or revoked")
+    token = await _authenticate(request, credentials.strip())
     wait = request.app[RATE_LIMITER].acquire(token.id)
     if wait > 0:
         response = error_response(
@@ -158,7 +175,9 @@ async def _body(request: web.Request, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise ApiError(400, "validation_error", "body must be a JSON object")
     try:
-        return model.model_validate(data)
+        # Some bounds are the service's settings (an endpoint's timeout_seconds).
+        context = {"delivery_timeout": request.app[SETTINGS].delivery_timeout}
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ApiError(400, "validation_error", _describe(exc)) from None
 
@@ -236,23 +255,6 @@ async def _own_webhook(request: web.Request) -> Webhook:
     return webhook
 
 
-def webhook_resource(webhook: Webhook) -> models.Webhook:
-    return models.Webhook(
-        id=webhook.id,
-        url=webhook.url,
-        events=list(webhook.events),
-        enabled=webhook.enabled,
-        description=webhook.description,
-        created_at=webhook.created_at,
-        updated_at=webhook.updated_at,
-        disabled_reason=webhook.disabled_reason,
-    )
-
-
-def _with_secret(webhook: Webhook) -> models.WebhookWithSecret:
-    return models.WebhookWithSecret(**webhook_resource(webhook).model_dump(), secret=webhook.secret)
-
-
 def attempt_resource(attempt: Attempt) -> models.Attempt:
     error = None
     if attempt.error_kind:
@@ -281,11 +283,13 @@ async def create_webhook(request: web.Request) -> web.Response:
     body = await _body(request, models.WebhookCreate)
     url = await validate_url(request, body.url)
     webhook = await request.app[STORE].endpoints.create(
-        request[TOKEN].org_id, url, body.events, body.description, enabled=body.enabled
-    )
+        request[TOKEN].org_id, url, body.events, body.description, enabled=body.enabled,
+        headers=body.headers, rate_limit=body.rate_limit, timeout_seconds=body.timeout_seconds,
+        ordered=body.ordered,
+    )  # fmt: skip
     await _notify_change(request)
     log.info("webhook created", webhook_id=webhook.id)
-    return _json(_with_secret(webhook), 201)
+    return _json(with_secret(webhook, request.app[SETTINGS]), 201)
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
@@ -293,7 +297,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
     page = await request.app[STORE].endpoints.list(request[TOKEN].org_id, query.limit, query.cursor)
     return _json(
         models.WebhookList(
-            data=[webhook_resource(w) for w in page.data],
+            data=[webhook_resource(w, request.app[SETTINGS]) for w in page.data],
             has_more=page.has_more,
             next_cursor=page.next_cursor,
         )
@@ -301,13 +305,13 @@ async def list_webhooks(request: web.Request) -> web.Response:
 
 
 async def get_webhook(request: web.Request) -> web.Response:
-    return _json(webhook_resource(await _own_webhook(request)))
+    return _json(webhook_resource(await _own_webhook(request), request.app[SETTINGS]))
 
 
 async def update_webhook(request: web.Request) -> web.Response:
     body = await _body(request, models.WebhookUpdate)
     changes = body.model_dump(exclude_unset=True)
-    for field in ("url", "events", "enabled", "description"):
+    for field in ("url", "events", "enabled", "description", "ordered"):
         if field in changes and changes[field] is None:
             raise ApiError(400, "validation_error", f"{field}: may not be null")
     if "url" in changes:
@@ -319,7 +323,7 @@ async def update_webhook(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "no such webhook in this organization")
     await _notify_change(request)
     log.info("webhook updated", webhook_id=webhook.id, fields=sorted(changes))
-    return _json(webhook_resource(webhook))
+    return _json(webhook_resource(webhook, request.app[SETTINGS]))
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
@@ -338,7 +342,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     if webhook is None:
         raise ApiError(404, "not_found", "no such webhook in this organization")
     log.info("webhook secret rotated", webhook_id=webhook.id)
-    return _json(_with_secret(webhook))
+    return _json(with_secret(webhook, request.app[SETTINGS]))
 
 
 async def list_deliveries(request: web.Request) -> web.Response:

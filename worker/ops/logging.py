@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 import structlog
+from opentelemetry import trace
 
 # Libraries whose standard-library loggers follow LOG_LEVEL (their children with them).
 LIBRARY_LOGGERS = ("aiormq", "aio_pika", "aiohttp", "alembic", "sqlalchemy", "asyncio")
@@ -34,6 +35,9 @@ _SECRET_KEYS = frozenset(
         "authorization",
         "signing_secret",
         "password",
+        # An endpoint's own request headers: customer data, often an API key of theirs.
+        "headers",
+        "extra_headers",
     }
 )
 
@@ -44,6 +48,18 @@ def redact_secrets(
     """A last line of defence: never render a value under a key that names a secret."""
     for key in event_dict.keys() & _SECRET_KEYS:
         event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def add_trace_ids(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """``trace_id`` and ``span_id`` of the current span, when there is one (worker.ops.tracing),
+    so that a line can be found from its trace and the other way round."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = trace.format_trace_id(context.trace_id)
+        event_dict["span_id"] = trace.format_span_id(context.span_id)
     return event_dict
 
 
@@ -60,6 +76,7 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
         redact_secrets,
     ]
     structlog.configure(

@@ -19,6 +19,7 @@ import structlog
 
 from schemas.events import TEST_EVENT_TYPE
 from worker.ops.metrics import Metrics, status_class
+from worker.ops.tracing import Carrier, Traced, Tracing
 from worker.pipeline import topology
 from worker.pipeline.loader import BatchLoader
 from worker.pipeline.outcome import Decision, Verdict, decide
@@ -128,6 +129,7 @@ class AttemptRunner:
         metrics: Metrics,
         retry_schedule: tuple[float, ...],
         retry_jitter: float,
+        tracing: Tracing,
     ) -> None:
         self._sender = sender
         self._scheduler = scheduler
@@ -137,17 +139,27 @@ class AttemptRunner:
         self._metrics = metrics
         self._retry_schedule = retry_schedule
         self._retry_jitter = retry_jitter
+        self._tracing = tracing
         # Concurrent attempts read their endpoints in one query; each still reads after it
         # started, so a PATCH enabled=false or a DELETE that returned before is seen.
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
             "webhooks", store.endpoints.get_many, None
         )
 
-    async def run(self, task: DeliveryTask, ticket: int, body: bytes | None) -> None:
+    async def run(
+        self, task: DeliveryTask, ticket: int, body: bytes | None, trace: Carrier | None = None
+    ) -> None:
         """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it.
 
-        ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted).
+        ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted);
+        ``trace`` the context of the fan-out that made the delivery (W3C headers), if known.
         """
+        with self._tracing.attempt(task.event, task.webhook_id, task.attempt, trace) as span:
+            await self._attempt(task, ticket, body, span)
+
+    async def _attempt(
+        self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced
+    ) -> None:
         self._metrics.in_flight.inc()
         answered = False
         try:
@@ -157,18 +169,17 @@ class AttemptRunner:
                     "delivery skipped: endpoint deleted or disabled", webhook_id=task.webhook_id
                 )
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
+                span.finished("skipped", None)
                 return
             answered = True
-            sent = await self._sender.send(
-                webhook.url, webhook.signing_secrets(utcnow()), task.event
-            )
+            sent = await self._sender.send_to(webhook, task.event, span.headers)
         finally:
             self._metrics.in_flight.dec()
             self._scheduler.finished(task.webhook_id, ticket, answered=answered)
-        await self._settle(task, body, webhook, sent)
+        await self._settle(task, body, webhook, sent, span)
 
     async def _settle(
-        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent
+        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent, span: Traced
     ) -> None:
         """Record the attempt and, on a retryable failure, schedule the next one — both
         durable before the caller acks."""
@@ -177,6 +188,7 @@ class AttemptRunner:
             sent.response, task.attempt, self._retry_schedule, now,
             self._retry_jitter, random.random(),  # noqa: S311 - spreading load, not secrecy
         )  # fmt: skip
+        span.finished(decision.verdict.value, sent.response.status)
         attempt = build_attempt(webhook, task.event, task.attempt, sent, decision)
         next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
         durable: list[Awaitable[None]] = [
@@ -185,9 +197,9 @@ class AttemptRunner:
         if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
             tier = topology.retry_queue_name(decision.next_delay)
             retry = task.model_copy(update={"attempt": task.attempt + 1})
-            durable.append(
-                self._publisher.to_queue(tier, retry.encode(), task_headers(task.webhook_id))
-            )
+            # The next attempt continues the same parent: attempts are siblings in a trace.
+            headers = task_headers(task.webhook_id, span.parent)
+            durable.append(self._publisher.to_queue(tier, retry.encode(), headers))
             self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
         elif decision.verdict is Verdict.FAILED:
             durable.append(

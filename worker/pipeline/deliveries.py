@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from worker.ops.metrics import Metrics
+from worker.ops.tracing import Tracing
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptRunner
 from worker.pipeline.offers import Route, Source
@@ -34,12 +35,14 @@ class DeliveriesConsumer:
         publisher: Publisher,
         settler: Settler,
         metrics: Metrics,
+        tracing: Tracing,
     ) -> None:
         self._scheduler = scheduler
         self._runner = runner
         self._publisher = publisher
         self._settler = settler
         self._metrics = metrics
+        self._tracing = tracing
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Consumer callback; aio-pika runs each in a task of its own, so the log context
@@ -80,7 +83,8 @@ class DeliveriesConsumer:
         structlog.contextvars.bind_contextvars(
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
-        await self._runner.run(task, decision.ticket, body)
+        # The attempt continues the fan-out's trace, which the task carries in its headers.
+        await self._runner.run(task, decision.ticket, body, self._tracing.incoming(headers))
 
     @staticmethod
     def _parse(body: bytes) -> DeliveryTask | None:

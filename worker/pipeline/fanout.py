@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker.ops.metrics import Metrics
+from worker.ops.tracing import Carrier, Traced, Tracing
 from worker.pipeline.attempts import AttemptRunner
 from worker.pipeline.matcher import EndpointMatcher
 from worker.pipeline.offers import Offer, Route, Source
@@ -106,7 +107,7 @@ class FanOut:
     def __init__(
         self, writer: BatchWriter[PipelineRecord], publisher: Publisher, scheduler: Scheduler,
         runner: AttemptRunner, tasks: TaskQueue, matcher: EndpointMatcher, settler: Settler,
-        metrics: Metrics, max_event_bytes: int,
+        metrics: Metrics, max_event_bytes: int, tracing: Tracing,
     ) -> None:  # fmt: skip
         self._writer = writer
         self._publisher = publisher
@@ -117,13 +118,19 @@ class FanOut:
         self._settler = settler
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
+        self._tracing = tracing
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Consumer callback; aio-pika runs each in a task of its own, so the log context
         bound while handling one event ends with it."""
-        await self._settler.settle(message, lambda: self._handle(message.body))
+        await self._settler.settle(message, lambda: self._handle(message.body, message.headers))
 
-    async def _handle(self, body: bytes) -> None:
+    async def _handle(self, body: bytes, headers: dict[str, Any] | None) -> None:
+        # One span per fan-out, continuing the publisher's trace (the message's headers).
+        with self._tracing.fanout(headers) as span:
+            await self._fan_out(body, span)
+
+    async def _fan_out(self, body: bytes, span: Traced) -> None:
         try:
             envelope, raw = parse_event(body, self._max_event_bytes)
         except RejectedEventError as exc:
@@ -133,6 +140,7 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
+        span.fanned_out(envelope.id, envelope.type, len(webhook_ids))
         # Offered before the event is written: which deliveries are parked goes in that write.
         offers = [self._scheduler.offer(w, Source.NEW) for w in webhook_ids]
         parked = frozenset(
@@ -147,22 +155,31 @@ class FanOut:
         if len(offers) == 1:
             # The common case, without the task per endpoint that gather would start.
             try:
-                await self._deliver(envelope, raw, body, offers[0])
+                await self._deliver(envelope, raw, body, offers[0], span.headers)
             except BaseException:
                 stored.add_done_callback(_observe)
                 raise
             await stored
         else:
             await asyncio.gather(
-                stored, *(self._deliver(envelope, raw, body, offer) for offer in offers)
+                stored,
+                *(self._deliver(envelope, raw, body, offer, span.headers) for offer in offers),
             )
         self._metrics.events_consumed.labels(envelope.type).inc()
         log.debug("event fanned out", endpoints=len(webhook_ids))
 
     async def _deliver(
-        self, envelope: EventEnvelope, raw: dict[str, Any], body: bytes, offer: Offer
+        self,
+        envelope: EventEnvelope,
+        raw: dict[str, Any],
+        body: bytes,
+        offer: Offer,
+        trace: Carrier | None,
     ) -> None:
-        """Make the first attempt when the scheduler starts it; queue a task when it says so."""
+        """Make the first attempt when the scheduler starts it; queue a task when it says so.
+
+        Either way the attempt continues ``trace``, the fan-out's context.
+        """
         try:
             decision = await offer.wait()
         except asyncio.CancelledError:
@@ -173,8 +190,8 @@ class FanOut:
             task = DeliveryTask.model_construct(
                 event_id=envelope.id, webhook_id=webhook_id, attempt=1, event=raw
             )
-            await self._runner.run(task, decision.ticket, None)
+            await self._runner.run(task, decision.ticket, None, trace)
             self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
             return
-        await self._tasks.queue(webhook_id, encode_task(envelope.id, webhook_id, 1, body))
+        await self._tasks.queue(webhook_id, encode_task(envelope.id, webhook_id, 1, body), trace)
         self._metrics.deliveries_published.labels(envelope.type, "queued").inc()

@@ -7,7 +7,8 @@ address are unwrapped and checked as that address.
 
 It is applied twice: when an endpoint is created or updated, and at every delivery through
 :class:`GuardedResolver`, so the connection goes to the very address that was checked — there
-is no second lookup for DNS rebinding to race.
+is no second lookup for DNS rebinding to race. Through an egress proxy the connector reaches
+only the proxy, so ``worker.pipeline.egress`` makes the delivery-time check instead.
 """
 
 from __future__ import annotations
@@ -127,15 +128,28 @@ def check_addresses(host: str, addresses: Iterable[str], allowed: Sequence[IPNet
 
 
 class GuardedResolver(AbstractResolver):
-    """An aiohttp resolver that refuses names with any denied address."""
+    """An aiohttp resolver that refuses names with any denied address.
 
-    def __init__(self, allowed: Sequence[IPNetwork], inner: AbstractResolver | None = None) -> None:
+    ``trusted_hosts`` are resolved unchecked: the operator's egress proxy, which usually sits
+    on a private address, and is the only name the connector resolves once it is set.
+    """
+
+    def __init__(
+        self,
+        allowed: Sequence[IPNetwork],
+        inner: AbstractResolver | None = None,
+        *,
+        trusted_hosts: Iterable[str] = (),
+    ) -> None:
         self._allowed = tuple(allowed)
         self._inner = inner or DefaultResolver()
+        self._trusted = frozenset(_normal_name(h) for h in trusted_hosts)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        if self._trusted and _normal_name(host) in self._trusted:
+            return await self._inner.resolve(host, port, family)
         literal = parse_ip_literal(host)
         if literal is not None:
             check_addresses(host, [str(literal)], self._allowed)
@@ -145,6 +159,10 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def _normal_name(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
 
 
 # Names that never denote a public host, whatever DNS says of them today: loopback and

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.events import TEST_EVENT_TYPE, new_event_id
+from worker.ops.tracing import Traced, Tracing
 from worker.pipeline.attempts import AttemptEffects, build_attempt, delivery_state
 from worker.pipeline.outcome import decide
 from worker.pipeline.sender import Sender
@@ -18,10 +19,13 @@ from worker.store.records import Attempt, AttemptRecord, NewEvent, Webhook, utcn
 
 
 class ManualAttempts:
-    def __init__(self, store: Store, sender: Sender, effects: AttemptEffects) -> None:
+    def __init__(
+        self, store: Store, sender: Sender, effects: AttemptEffects, tracing: Tracing
+    ) -> None:
         self._store = store
         self._sender = sender
         self._effects = effects
+        self._tracing = tracing
 
     async def send_test(self, webhook: Webhook) -> Attempt:
         """Send a signed ``webhook.test`` event now and record it as attempt 1."""
@@ -42,10 +46,18 @@ class ManualAttempts:
         return await self._attempt_now(webhook, event, number)
 
     async def _attempt_now(self, webhook: Webhook, event: dict[str, Any], number: int) -> Attempt:
-        sent = await self._sender.send(webhook.url, webhook.signing_secrets(utcnow()), event)
+        # A span of its own, child of the API request's.
+        with self._tracing.attempt(event, webhook.id, number, None) as span:
+            return await self._send_now(webhook, event, number, span)
+
+    async def _send_now(
+        self, webhook: Webhook, event: dict[str, Any], number: int, span: Traced
+    ) -> Attempt:
+        sent = await self._sender.send_to(webhook, event, span.headers)
         now = utcnow()
         # One attempt: it schedules no retries of its own.
         decision = decide(sent.response, number, (), now)
+        span.finished(decision.verdict.value, sent.response.status)
         attempt = build_attempt(webhook, event, number, sent, decision)
         record = AttemptRecord(attempt, delivery_state(decision), None)
         await self._store.pipeline.write_batch([record])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
@@ -46,6 +47,9 @@ class TaskQueue:
         self._publisher = publisher
         self._scheduler = scheduler
 
-    async def queue(self, webhook_id: str, body: bytes) -> None:
-        await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, task_headers(webhook_id))
+    async def queue(
+        self, webhook_id: str, body: bytes, trace: Mapping[str, str] | None = None
+    ) -> None:
+        headers = task_headers(webhook_id, trace)
+        await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, headers)
         self._scheduler.queued(webhook_id)

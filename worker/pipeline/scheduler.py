@@ -74,6 +74,10 @@ def _no_limits(_webhook_id: str) -> float | None:
     return None
 
 
+def _unordered(_webhook_id: str) -> bool:
+    return False
+
+
 class Scheduler:
     def __init__(
         self,
@@ -82,11 +86,14 @@ class Scheduler:
         global_cap: int,
         defer_tiers: Sequence[float],
         rate_limits: Callable[[str], float | None] = _no_limits,
+        ordered: Callable[[str], bool] = _unordered,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``rate_limits`` gives an endpoint's ``rate_limit`` (a lookup, no I/O), or None."""
+        """``rate_limits`` gives an endpoint's ``rate_limit`` or None, ``ordered`` whether its
+        attempts go one at a time in order (:mod:`.ordered`): lookups, no I/O."""
         self._cap = cap
         self._rate_limits = rate_limits
+        self._ordered = ordered
         self._workers = 1
         self._global_cap = global_cap
         self._tiers = tuple(defer_tiers)
@@ -122,7 +129,11 @@ class Scheduler:
 
     def _offer_new(self, webhook_id: str, endpoint: EndpointState, slow: bool) -> Offer:
         offer = Offer(webhook_id, Source.NEW, None)
-        if endpoint.parked:
+        if self._ordered(webhook_id):
+            # Every delivery of an ordered endpoint waits in its backlog, in order, for the
+            # endpoint's lane; the sweeper, which releases in bulk, leaves it alone.
+            offer.settle(Decision(Route.PARK))
+        elif endpoint.parked:
             # New deliveries join the back of a parked backlog: they neither overtake it nor
             # crowd the slots the sweeper refills.
             endpoint.park_mark += 1
@@ -285,8 +296,12 @@ class Scheduler:
         else:
             room = min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
         if endpoint.bucket is not None:
-            # What its rate allows in that time, less what is released and not started yet.
-            allowed = endpoint.bucket.allowance(now, seconds) - self._queued(endpoint)
+            # What its rate allows in that time, less what waits here for a token. Not less
+            # what is queued: a released task comes round within milliseconds, long before the
+            # next sweep, but to any worker, and often before its publish is confirmed; the
+            # count of this worker's releases not come round here only grows, and would hold
+            # the release below the rate (or stop it, for a small share).
+            allowed = endpoint.bucket.allowance(now, seconds)
             room = min(room, allowed - len(endpoint.waiting))
         return max(0, room)
 
@@ -298,6 +313,8 @@ class Scheduler:
         """Sweep these endpoints' parked backlogs too (another worker may have parked them)."""
         now = self._clock()
         for webhook_id in webhook_ids:
+            if self._ordered(webhook_id):
+                continue  # its lane sends its backlog (see _offer_new)
             endpoint = self._endpoint(webhook_id, now)
             endpoint.parked = True
             endpoint.park_mark += 1
@@ -377,10 +394,13 @@ class Scheduler:
         limit = self._rate_limits(webhook_id)
         if limit is None:
             endpoint.bucket = None
-        elif endpoint.bucket is None:
-            endpoint.bucket = Bucket(share(limit, self._workers), now)
         else:
-            endpoint.bucket.rate = share(limit, self._workers)
+            # An ordered endpoint is sent to by one worker only, its lane's: it takes it all.
+            workers = 1 if self._ordered(webhook_id) else self._workers
+            if endpoint.bucket is None:
+                endpoint.bucket = Bucket(share(limit, workers), now)
+            else:
+                endpoint.bucket.rate = share(limit, workers)
 
     def _start(self, endpoint: EndpointState) -> Decision:
         ticket = next(self._tickets)

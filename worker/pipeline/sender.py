@@ -11,17 +11,19 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from schemas.headers import reserved
 from worker import __version__
-from worker.pipeline import guard, signing
+from worker.pipeline import egress, guard, signing
 from worker.pipeline.outcome import Response
 from worker.settings import Settings
+from worker.store.records import Webhook, utcnow
 
 RESPONSE_EXCERPT_BYTES = 4096
 USER_AGENT = f"Sellfern-Webhooks/{__version__}"
@@ -59,7 +61,9 @@ def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        resolver=guard.GuardedResolver(settings.allowed_private_networks),
+        resolver=guard.GuardedResolver(
+            settings.allowed_private_networks, trusted_hosts=egress.proxy_hosts(settings)
+        ),
         ssl=ssl_context(settings.ca_bundle),
         limit=settings.delivery_concurrency,
         ttl_dns_cache=10,
@@ -73,8 +77,10 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-def classify_error(exc: BaseException) -> tuple[str, str]:
+def classify_error(exc: BaseException, proxy: egress.EgressProxy | None = None) -> tuple[str, str]:
     """A short machine-readable kind and a message for an attempt that got no response."""
+    if proxy is not None and (at_proxy := proxy.classify(exc)) is not None:
+        return at_proxy
     if isinstance(exc, guard.BlockedAddressError):
         return "blocked_address", str(exc)
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
@@ -102,6 +108,10 @@ class Sender:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self._session = session
         self._allowed = settings.allowed_private_networks
+        self._delivery_timeout = settings.delivery_timeout
+        self._default_timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout)
+        # Set, every request tunnels through it, and the guard checks targets before sending.
+        self._proxy = egress.EgressProxy.from_settings(settings)
         # Parsed, and for IP literals checked, endpoint URLs: both depend on the string alone.
         self._targets: dict[str, URL] = {}
 
@@ -120,8 +130,18 @@ class Sender:
         return target
 
     async def send(
-        self, url: str, secrets: Sequence[str], event: dict[str, Any], body: bytes | None = None
+        self,
+        url: str,
+        secrets: Sequence[str],
+        event: dict[str, Any],
+        body: bytes | None = None,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> Sent:
+        """POST ``event`` signed with ``secrets``, with the endpoint's ``extra_headers``, within
+        ``timeout_seconds`` (connect to last byte; never more than ``DELIVERY_TIMEOUT``)."""
         body = payload_body(event) if body is None else body
         timestamp = int(time.time())
         headers = {
@@ -130,11 +150,24 @@ class Sender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signing.signature_header(secrets, event["id"], timestamp, body),
         }
+        if extra_headers:
+            # The API refuses the service's own names; skipping them here as well means no
+            # stored row can ever override them.
+            headers.update((k, v) for k, v in extra_headers.items() if not reserved(k))
+        if trace:
+            headers.update(trace)  # the attempt's W3C context (worker.ops.tracing)
         started = time.perf_counter()
         try:
             target = self._target(url)
+            if self._proxy is not None:
+                await self._proxy.check_target(target)
             async with self._session.post(
-                target, data=body, headers=headers, allow_redirects=False
+                target,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                proxy=self._proxy.url if self._proxy is not None else None,
+                timeout=self._timeout(timeout_seconds),
             ) as response:
                 excerpt = await response.content.read(RESPONSE_EXCERPT_BYTES)
                 if not response.content.at_eof():
@@ -144,11 +177,30 @@ class Sender:
                     status=response.status, retry_after=response.headers.get("Retry-After")
                 )
         except Exception as exc:  # every failure of one attempt is that attempt's result
-            kind, message = classify_error(exc)
+            kind, message = classify_error(exc, self._proxy)
             return Sent(Response(None, kind, message[:1000]), _elapsed_ms(started), None)
         return Sent(
             sent_response, _elapsed_ms(started), excerpt.decode("utf-8", errors="replace") or None
         )
+
+    async def send_to(
+        self, webhook: Webhook, event: dict[str, Any], trace: Mapping[str, str] | None
+    ) -> Sent:
+        """:meth:`send` to the endpoint as it is now: its URL, the secrets that sign now, its
+        own headers and timeout; ``trace`` is the attempt's W3C context."""
+        return await self.send(
+            webhook.url,
+            webhook.signing_secrets(utcnow()),
+            event,
+            extra_headers=webhook.headers,
+            timeout_seconds=webhook.timeout_seconds,
+            trace=trace,
+        )
+
+    def _timeout(self, seconds: float | None) -> aiohttp.ClientTimeout:
+        if seconds is None or seconds >= self._delivery_timeout:
+            return self._default_timeout
+        return aiohttp.ClientTimeout(total=seconds)
 
 
 def _elapsed_ms(started: float) -> int:

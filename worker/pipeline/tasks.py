@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +31,9 @@ def encode_task(event_id: str, webhook_id: str, attempt: int, event_json: bytes)
     return f'{head[:-1]}, "event": '.encode() + event_json + b"}"
 
 
-def task_headers(webhook_id: str) -> dict[str, Any]:
-    """Headers of a delivery task message: the endpoint, readable without parsing the body."""
+def task_headers(webhook_id: str, trace: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Headers of a delivery task message: the endpoint, readable without parsing the body,
+    and the trace context the attempt continues (``traceparent``, ``tracestate``), if any."""
+    if trace:
+        return {topology.WEBHOOK_HEADER: webhook_id, **trace}
     return {topology.WEBHOOK_HEADER: webhook_id}

@@ -29,12 +29,15 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from worker.ops.metrics import Metrics
+from worker.ops.tracing import Tracing
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptEffects, AttemptRunner
 from worker.pipeline.deliveries import DeliveriesConsumer
 from worker.pipeline.fanout import FanOut
 from worker.pipeline.matcher import EndpointMatcher
+from worker.pipeline.ordered import OrderedLanes
 from worker.pipeline.parking import ParkingSweeper
+from worker.pipeline.policies import EndpointPolicies
 from worker.pipeline.publisher import Publisher, TaskQueue
 from worker.pipeline.recovery import RecoveryRunner
 from worker.pipeline.scheduler import Scheduler
@@ -54,6 +57,21 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 # How often the scheduler looks at its waiting lines: a hanging endpoint shows only through
 # time passing, and what waits for it is sent on within this much of its turning slow.
 REVIEW_SECONDS = 0.05
+# How often the share of each rate limit is recomputed: a worker that joins or dies changes
+# the others' shares within this long.
+WORKER_COUNT_SECONDS = 5.0
+
+
+async def _queue_counts(channel: AbstractChannel, name: str) -> tuple[int, int]:
+    """The queue's (messages, consumers), asked of the broker now.
+
+    Not through ``declare_queue(passive=True)``: a robust channel answers that, for a name it
+    has declared before, with the queue object of the first time, without asking the broker,
+    so every poll would see the counts of the first.
+    """
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(name, passive=True)
+    return declared.message_count or 0, declared.consumer_count or 0
 
 
 class PipelineWorker:
@@ -67,6 +85,7 @@ class PipelineWorker:
         sender: Sender,
         publisher: Publisher,
         effects: AttemptEffects,
+        tracing: Tracing,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -76,10 +95,14 @@ class PipelineWorker:
         self._sender = sender
         self._publisher = publisher
         self._effects = effects
+        self._tracing = tracing
+        self.policies = EndpointPolicies(store)
         self.scheduler = Scheduler(
             cap=settings.endpoint_concurrency,
             global_cap=settings.delivery_concurrency,
             defer_tiers=topology.DEFER_TIERS,
+            rate_limits=self.policies.rate_limit,
+            ordered=self.policies.ordered,
         )
         self._writer = pipeline_writer(store, metrics)
         self._channels: list[AbstractChannel] = []
@@ -95,28 +118,40 @@ class PipelineWorker:
 
     async def start(self) -> None:
         settings, store, metrics = self._settings, self._store, self._metrics
+        await self.policies.refresh()
         await self._writer.__aenter__()
         scheduler = self.scheduler
         tasks = TaskQueue(self._publisher, scheduler)
         runner = AttemptRunner(
             store, self._sender, scheduler, self._publisher, self._writer, self._effects,
-            metrics, settings.retry_schedule, settings.retry_jitter,
+            metrics, settings.retry_schedule, settings.retry_jitter, self._tracing,
         )  # fmt: skip
         matcher = EndpointMatcher(store)
         fanout = FanOut(
             self._writer, self._publisher, scheduler, runner, tasks, matcher,
-            Settler(store.ping, "fan-out"), metrics, settings.max_event_bytes,
+            Settler(store.ping, "fan-out"), metrics, settings.max_event_bytes, self._tracing,
         )  # fmt: skip
         deliveries = DeliveriesConsumer(
-            scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics
-        )
+            scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics,
+            self._tracing,
+        )  # fmt: skip
         sweeper = ParkingSweeper(store, scheduler, tasks, metrics)
+        lanes = OrderedLanes(
+            store, scheduler, self.policies, self._sender, self._writer, self._publisher,
+            self._effects, (settings.retry_schedule, settings.retry_jitter), self._tracing,
+        )  # fmt: skip
 
         changes_channel = await self._channel()
         # Server-named, exclusive and auto-deleted: each worker gets its own copy of every notice.
         changes = await changes_channel.declare_queue(exclusive=True, auto_delete=True)
         await changes.bind(topology.CHANGES_EXCHANGE)
-        self._consumers.append((changes, await changes.consume(matcher.on_change)))
+        policies = self.policies
+
+        async def on_change(message: AbstractIncomingMessage) -> None:
+            await matcher.on_change(message)
+            policies.changed()
+
+        self._consumers.append((changes, await changes.consume(on_change)))
         # The prefetch of these channels bounds what the worker holds unacked, and so what may
         # wait in the scheduler's lines.
         await self._consume(topology.EVENTS_QUEUE, fanout.on_message)
@@ -125,6 +160,9 @@ class PipelineWorker:
         poll_channel = await self._channel()
         retention = timedelta(days=settings.retention_days)
         self._spawn(self._poll_queues(poll_channel), "queue-poll")
+        self._spawn(self._count_workers(await self._channel()), "worker-count")
+        self._spawn(policies.run(), "policies")
+        self._spawn(lanes.run(), "ordered-lanes")
         self._spawn(sweeper.run(), "parking")
         self._spawn(RecoveryRunner(store, scheduler, metrics).run(), "recovery")
         self._spawn(self._prune_periodically(retention), "prune")
@@ -194,18 +232,28 @@ class PipelineWorker:
             self.scheduler.review()
             await asyncio.sleep(REVIEW_SECONDS)
 
+    async def _count_workers(self, channel: AbstractChannel) -> None:
+        """Tell the scheduler how many workers share the rate limits: the consumers of
+        ``webhooks.deliveries``, one per worker, as the broker counts them."""
+        while True:
+            try:
+                _, consumers = await _queue_counts(channel, topology.DELIVERIES_QUEUE)
+                self.scheduler.set_workers(consumers or 1)
+            except Exception as exc:
+                log.debug("counting workers failed", error=str(exc))
+            await asyncio.sleep(WORKER_COUNT_SECONDS)
+
     async def _poll_queues(self, channel: AbstractChannel) -> None:
         """Export queue depth and consumer counts; a dead consumer shows as 0 here."""
         while True:
             for name in self._topology.queue_names:
                 try:
-                    queue = await channel.declare_queue(name, passive=True)
+                    messages, consumers = await _queue_counts(channel, name)
                 except Exception as exc:
                     log.debug("queue poll failed", queue=name, error=str(exc))
                     continue
-                result = queue.declaration_result
-                self._metrics.queue_messages.labels(name).set(result.message_count or 0)
-                self._metrics.queue_consumers.labels(name).set(result.consumer_count or 0)
+                self._metrics.queue_messages.labels(name).set(messages)
+                self._metrics.queue_consumers.labels(name).set(consumers)
             await asyncio.sleep(QUEUE_POLL_SECONDS)
 
     async def _prune_periodically(self, retention: timedelta) -> None:

@@ -22,13 +22,17 @@ from worker.store.ids import new_id
 from worker.store.records import Page, Webhook, page_of, utcnow
 from worker.store.tables import webhook_subscriptions, webhooks
 
+# The condition of the partial index ix_webhooks_policies, as the queries that use it write it.
+POLICY_FILTER = sa.or_(webhooks.c.rate_limit.is_not(None), webhooks.c.ordered.is_(True))
+
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 # Every delivery reads its endpoint, so on PostgreSQL this read skips SQLAlchemy and goes to
 # asyncpg directly (as the pipeline's batch write does, see worker.store.pipeline_pg).
 READ_WEBHOOKS = """
 SELECT id, org_id, url, events, enabled, description, secret, previous_secret,
-       previous_secret_expires_at, created_at, updated_at, disabled_reason, failing_since
+       previous_secret_expires_at, created_at, updated_at, disabled_reason, failing_since,
+       headers, rate_limit, timeout_seconds, ordered
 FROM webhooks WHERE id = ANY($1::varchar[])
 """
 
@@ -69,6 +73,10 @@ def webhook_from_row(row: Mapping[Any, Any], box: SecretBox) -> Webhook:
         updated_at=row["updated_at"],
         disabled_reason=row["disabled_reason"],
         failing_since=row["failing_since"],
+        headers=dict(row["headers"] or {}),
+        rate_limit=row["rate_limit"],
+        timeout_seconds=row["timeout_seconds"],
+        ordered=row["ordered"],
     )
 
 
@@ -95,6 +103,10 @@ class EndpointRepository:
         description: str,
         *,
         enabled: bool,
+        headers: Mapping[str, str] | None = None,
+        rate_limit: int | None = None,
+        timeout_seconds: int | None = None,
+        ordered: bool = False,
     ) -> Webhook:
         """Register an endpoint with a new signing secret, subscribed to ``event_types``."""
         box = self._box  # before anything is written: a store without a box writes nothing
@@ -113,6 +125,10 @@ class EndpointRepository:
             updated_at=now,
             disabled_reason=None,
             failing_since=None,
+            headers=dict(headers or {}),
+            rate_limit=rate_limit,
+            timeout_seconds=timeout_seconds,
+            ordered=ordered,
         )
         async with self._engine.begin() as connection:
             await connection.execute(
@@ -126,6 +142,10 @@ class EndpointRepository:
                     secret=box.seal(webhook.secret),
                     created_at=now,
                     updated_at=now,
+                    headers=dict(webhook.headers),
+                    rate_limit=rate_limit,
+                    timeout_seconds=timeout_seconds,
+                    ordered=ordered,
                 )
             )
             await _write_subscriptions(connection, webhook.id, org_id, webhook.events)
@@ -166,11 +186,14 @@ class EndpointRepository:
         return {webhook.id: webhook for webhook in found}
 
     async def update(self, org_id: str, webhook_id: str, changes: dict[str, Any]) -> Webhook | None:
-        """Apply ``changes`` (url, events, enabled, description); None if no such endpoint."""
+        """Apply ``changes`` (url, events, enabled, description, headers, rate_limit,
+        timeout_seconds, ordered); None if no such endpoint."""
         box = self._box
         values = dict(changes)
         if "events" in values:
             values["events"] = builtins.list(values["events"])
+        if "headers" in values:
+            values["headers"] = dict(values["headers"] or {})  # the whole set; None clears it
         if values.get("enabled") is True:
             # Re-enabling clears why it was disabled and starts a fresh failure run.
             values["disabled_reason"] = None
@@ -276,6 +299,19 @@ class EndpointRepository:
         """Enabled endpoints of ``org_id`` subscribed to ``event_type``."""
         key = (org_id, event_type)
         return (await self.subscriptions([key]))[key]
+
+    async def policies(self) -> builtins.list[tuple[str, int | None, bool]]:
+        """(id, rate_limit, ordered) of every enabled endpoint with a limit or ordering: what
+        each worker enforces itself (:mod:`worker.pipeline.policies`). Found through the
+        partial index ``ix_webhooks_policies``, so endpoints without either cost nothing."""
+        query = sa.select(webhooks.c.id, webhooks.c.rate_limit, webhooks.c.ordered).where(
+            webhooks.c.enabled.is_(True), POLICY_FILTER
+        )
+        async with self._engine.connect() as connection:
+            return [
+                (row.id, row.rate_limit, bool(row.ordered))
+                for row in await connection.execute(query)
+            ]
 
 
 async def _write_subscriptions(

@@ -24,17 +24,17 @@ from worker.store.records import AttemptRecord, NewEvent
 
 INSERT_EVENTS = """
 INSERT INTO events (id, org_id, type, occurred_at, payload, received_at)
-SELECT i, o, t, at, p, $6::timestamptz
-FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[], $5::json[])
-    AS e(i, o, t, at, p)
+SELECT i, o, t, at, p, r
+FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[], $5::json[],
+            $6::timestamptz[]) AS e(i, o, t, at, p, r)
 ON CONFLICT DO NOTHING
 """
 
 OPEN_DELIVERIES = """
 INSERT INTO deliveries (event_id, webhook_id, state, attempts, next_attempt_at, created_at,
                         updated_at)
-SELECT e, w, s, 0, $4::timestamptz, $4::timestamptz, $4::timestamptz
-FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS d(e, w, s)
+SELECT e, w, s, 0, c, c, c
+FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[]) AS d(e, w, s, c)
 ON CONFLICT DO NOTHING
 """
 
@@ -98,12 +98,11 @@ class AsyncpgPipelineWrites:
 
 
 async def _write(connection: Any, prepared: PreparedBatch) -> None:  # noqa: ANN401 - asyncpg
-    now = prepared.now
     if prepared.events:
-        rows = [(i, o, t, at, json.dumps(p)) for i, o, t, at, p in prepared.events]
-        await connection.execute(INSERT_EVENTS, *_columns(rows, 5), now)
+        rows = [(i, o, t, at, json.dumps(p), r) for i, o, t, at, p, r in prepared.events]
+        await connection.execute(INSERT_EVENTS, *_columns(rows, 6))
     if prepared.opened:
-        await connection.execute(OPEN_DELIVERIES, *_columns(prepared.opened, 3), now)
+        await connection.execute(OPEN_DELIVERIES, *_columns(prepared.opened, 4))
     if prepared.attempts:
         attempt_rows = [
             (

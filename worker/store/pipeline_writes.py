@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -23,10 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent, utcnow
 from worker.store.tables import attempts, deliveries, events, webhooks
 
-# An event: its id, org_id, type, occurred_at and payload.
-EventRow = tuple[str, str, str, datetime, dict[str, Any]]
-# A delivery an event opens, with no attempt yet: event_id, webhook_id and state.
-OpenedRow = tuple[str, str, DeliveryState]
+# An event: its id, org_id, type, occurred_at, payload and received_at.
+EventRow = tuple[str, str, str, datetime, dict[str, Any], datetime]
+# A delivery an event opens, with no attempt yet: event_id, webhook_id, state and created_at
+# (its event's received_at).
+OpenedRow = tuple[str, str, DeliveryState, datetime]
 # A delivery advanced by attempts: event_id, webhook_id, state, attempts, next_attempt_at,
 # created_at and updated_at.
 AdvanceRow = tuple[str, str, DeliveryState, int, datetime | None, datetime, datetime]
@@ -47,7 +48,7 @@ class PipelineWrites(Protocol):
 class PreparedBatch:
     """A batch as rows, ready for either implementation to execute."""
 
-    now: datetime  # received_at of the events, and the timestamps of the deliveries opened
+    now: datetime  # when the batch was written
     events: list[EventRow]
     opened: list[OpenedRow]
     attempts: list[Attempt]
@@ -65,20 +66,25 @@ def prepare(batch: Sequence[NewEvent | AttemptRecord]) -> PreparedBatch:
     """
     new_events = [item for item in batch if isinstance(item, NewEvent)]
     records = [item for item in batch if isinstance(item, AttemptRecord)]
+    now = utcnow()
     event_rows: dict[str, EventRow] = {}
     opened: dict[tuple[str, str], OpenedRow] = {}
     for item in new_events:
         event = item.event
+        # Each event of the batch a microsecond after the one before: the order the worker
+        # received them in stays the order of their times (ordered endpoints go by it).
+        received = now + timedelta(microseconds=len(event_rows))
         event_rows.setdefault(
             event["id"],
-            (event["id"], event["organization_id"], event["type"], item.occurred_at, event),
-        )
+            (event["id"], event["organization_id"], event["type"], item.occurred_at, event,
+             received),
+        )  # fmt: skip
         for webhook_id in item.webhook_ids:
             state: DeliveryState = "parked" if webhook_id in item.parked else "pending"
-            opened.setdefault((event["id"], webhook_id), (event["id"], webhook_id, state))
+            opened.setdefault((event["id"], webhook_id), (event["id"], webhook_id, state, received))
     ended, started = failure_runs(records)
     return PreparedBatch(
-        now=utcnow(),
+        now=now,
         events=list(event_rows.values()),
         opened=list(opened.values()),
         attempts=[r.attempt for r in records],
@@ -142,7 +148,6 @@ class CorePipelineWrites:
         return (postgresql.insert if self._postgresql else sqlite.insert)(table)
 
     async def _insert_events(self, connection: AsyncConnection, prepared: PreparedBatch) -> None:
-        now = prepared.now
         if prepared.events:
             await connection.execute(
                 self._insert(events).on_conflict_do_nothing(),
@@ -153,9 +158,9 @@ class CorePipelineWrites:
                         "type": t,
                         "occurred_at": at,
                         "payload": p,
-                        "received_at": now,
+                        "received_at": r,
                     }
-                    for i, o, t, at, p in prepared.events
+                    for i, o, t, at, p, r in prepared.events
                 ],
             )
         if prepared.opened:
@@ -167,11 +172,11 @@ class CorePipelineWrites:
                         "webhook_id": w,
                         "state": s,
                         "attempts": 0,
-                        "next_attempt_at": now,
-                        "created_at": now,
-                        "updated_at": now,
+                        "next_attempt_at": c,
+                        "created_at": c,
+                        "updated_at": c,
                     }
-                    for e, w, s in prepared.opened
+                    for e, w, s, c in prepared.opened
                 ],
             )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -41,6 +41,11 @@ class Webhook:
     updated_at: datetime
     disabled_reason: str | None
     failing_since: datetime | None
+    # Sent on every attempt. Customer data (an API key, often): kept out of reprs, hence logs.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+    rate_limit: int | None = None  # attempts per second, across all workers; None: none
+    timeout_seconds: int | None = None  # None: the service's DELIVERY_TIMEOUT
+    ordered: bool = False
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets that sign a payload now: the current one, and during a rotation the old."""

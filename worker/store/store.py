@@ -13,6 +13,7 @@ from worker.store.attempts import AttemptRepository
 from worker.store.crypto import SecretBox
 from worker.store.endpoints import EndpointRepository, uses_asyncpg
 from worker.store.events import EventRepository
+from worker.store.ordered import OrderedBacklog
 from worker.store.parked import ParkedDeliveries
 from worker.store.pipeline_pg import AsyncpgPipelineWrites
 from worker.store.pipeline_writes import CorePipelineWrites, PipelineWrites
@@ -36,6 +37,7 @@ class Store:
         self.events = EventRepository(engine)
         self.attempts = AttemptRepository(engine)
         self.parked = ParkedDeliveries(engine)
+        self.ordered = OrderedBacklog(engine)
         self.recoveries = RecoveryRepository(engine)
         self.stats = StatsRepository(engine)
         # The hot write goes to asyncpg directly where it can (see worker.store.pipeline_pg).

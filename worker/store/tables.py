@@ -75,7 +75,19 @@ webhooks = sa.Table(
     sa.Column("disabled_reason", sa.String(500)),
     # Start of the current run of failures; cleared by any success. Drives auto-disable.
     sa.Column("failing_since", UTCDateTime),
+    # The endpoint's own request headers, {name: value}; customer data, like the payloads.
+    sa.Column("headers", sa.JSON, nullable=False, server_default="{}"),
+    sa.Column("rate_limit", sa.Integer),  # attempts per second; NULL: none
+    sa.Column("timeout_seconds", sa.Integer),  # NULL: the service's DELIVERY_TIMEOUT
+    sa.Column("ordered", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_webhooks_org_id_id", "org_id", "id"),
+    # The few endpoints whose policies every worker enforces itself (rate limit, ordering).
+    sa.Index(
+        "ix_webhooks_policies",
+        "id",
+        postgresql_where=sa.text("rate_limit IS NOT NULL OR ordered"),
+        sqlite_where=sa.text("rate_limit IS NOT NULL OR ordered"),
+    ),
 )
 
 # One row per (endpoint, event type) it subscribes to: fan-out finds an event's endpoints by
