@@ -60,6 +60,7 @@ class Sizes:
     query_endpoints: int = 1_000  # organizations of 10
     ordered_events: int = 3_000  # for one ordered endpoint
     query_requests: int = 200  # of each call
+    rate_limit_seconds: float = 30  # measured at one endpoint's limit
 
 
 # Small enough for a smoke run of the whole harness in well under a minute on a busy machine.
@@ -82,6 +83,7 @@ QUICK = Sizes(
     query_endpoints=20,
     ordered_events=100,
     query_requests=20,
+    rate_limit_seconds=5,
 )
 
 

@@ -30,6 +30,7 @@ from bench.live import live_isolation
 from bench.load import bare_client, order_event, wire_events
 from bench.ordered import ordered
 from bench.queries import queries
+from bench.rate_limit import rate_limit
 from bench.recovery import recovery
 from schemas.events import EVENT_TYPES
 from worker.store.endpoints import new_signing_secret
@@ -330,6 +331,7 @@ SCENARIOS: dict[str, Scenario] = {
     "queries": queries,
     "recovery": recovery,
     "ordered": ordered,
+    "rate-limit": rate_limit,
 }
 # The scenarios whose deliveries go to nginx (bench.sink) rather than the Python receiver.
-NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery", "ordered"})
+NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery", "ordered", "rate-limit"})

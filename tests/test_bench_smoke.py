@@ -27,6 +27,7 @@ SCENARIOS = (
     "queries",
     "recovery",
     "ordered",
+    "rate-limit",
 )
 # Counts whose target is zero: zero is the expected value, not a harness that measured nothing.
 MAY_BE_ZERO = ("deferrals at defaults, SQLite", "deferrals at defaults, PostgreSQL")
@@ -73,6 +74,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         "queries",
         "recovery",
         "ordered",
+        "rate-limit",
     }
     assert all(isinstance(f["passed"], bool) for f in targets)
     sinks = {f["scenario"]: f["sink"] for f in record["figures"]}

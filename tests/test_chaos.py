@@ -18,11 +18,16 @@ the random choices of a printed run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -34,6 +39,7 @@ from aiohttp import web
 from schemas.publish import PublishError, connect, publish_event
 from tests.chaos_support import (
     SCALE,
+    Endpoint,
     Ledger,
     Tally,
     TcpProxy,
@@ -53,9 +59,10 @@ from tests.chaos_support import (
 )
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
 from worker.pipeline import topology
+from worker.pipeline.scheduler import MAX_RELEASE
 from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
 from worker.pipeline.tasks import DeliveryTask
-from worker.store import Store, database
+from worker.store import Store, database, tables
 from worker.store.crypto import SecretBox
 from worker.store.records import Attempt
 
@@ -498,3 +505,202 @@ async def test_sigterm_under_load(
     # The drain bound, plus closing connections and the interpreter's exit.
     assert max(stops) < drain_bound + 3
     assert tally.duplicates == 0
+
+
+# --- 7. a recovery through kill -9 ----------------------------------------------------------
+
+
+@dataclass
+class _DownThenUp:
+    """A receiver path that answers 500 while ``down``, then 200; it keeps each request's
+    ``webhook-id`` by answer, the 200s in arrival order."""
+
+    down: bool = True
+    failed: Counter[str] = field(default_factory=Counter)
+    succeeded: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # webhook-id is not the body's id
+
+    async def serve(self, request: web.Request, _n: int) -> web.StreamResponse:
+        webhook_id = request.headers.get("webhook-id", "")
+        if json.loads(await request.read())["id"] != webhook_id:
+            self.mismatched.append(webhook_id)
+        if self.down:
+            self.failed[webhook_id] += 1
+            return web.Response(status=500, text="down")
+        self.succeeded.append(webhook_id)
+        return web.Response(text="ok")
+
+
+async def _delivery_states(store: Store, webhook_id: str) -> Counter[str]:
+    query = (
+        sa.select(tables.deliveries.c.state, sa.func.count().label("n"))
+        .where(tables.deliveries.c.webhook_id == webhook_id)
+        .group_by(tables.deliveries.c.state)
+    )
+    async with store.engine.connect() as connection:
+        return Counter({row.state: row.n for row in await connection.execute(query)})
+
+
+async def _successes(store: Store, webhook_id: str) -> int:
+    query = sa.select(sa.func.count()).where(
+        tables.attempts.c.webhook_id == webhook_id, tables.attempts.c.success
+    )
+    async with store.engine.connect() as connection:
+        return int((await connection.execute(query)).scalar_one())
+
+
+async def _parked_ids(store: Store, webhook_id: str) -> set[str]:
+    query = sa.select(tables.deliveries.c.event_id).where(
+        tables.deliveries.c.webhook_id == webhook_id, tables.deliveries.c.state == "parked"
+    )
+    async with store.engine.connect() as connection:
+        return {row.event_id for row in await connection.execute(query)}
+
+
+async def _attempt_numbers(store: Store, webhook_id: str) -> Counter[tuple[int, bool]]:
+    """How many attempts of the endpoint were recorded, by (attempt number, success)."""
+    query = sa.select(tables.attempts.c.attempt, tables.attempts.c.success).where(
+        tables.attempts.c.webhook_id == webhook_id
+    )
+    async with store.engine.connect() as connection:
+        return Counter((row.attempt, row.success) for row in await connection.execute(query))
+
+
+async def _all_fail(
+    broker: AbstractRobustConnection, ledger: Ledger, store: Store, endpoint: Endpoint, count: int
+) -> None:
+    """Publish ``count`` events for ``endpoint`` and wait until every delivery has failed."""
+    await publish_load(broker, ledger, endpoint.org, ["order.created"], count, 6 * SCALE,
+                       concurrency=16)  # fmt: skip
+    assert len(ledger.confirmed) == count, ledger.publish_errors[:3]
+
+    async def all_failed() -> bool:
+        return await _delivery_states(store, endpoint.webhook_id) == Counter(failed=count)
+
+    await eventually(all_failed, timeout=60 * SCALE, what="every delivery failed for good")
+
+
+async def _call(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    expect: int,
+    body: object = None,
+) -> dict[str, Any]:
+    async with http.request(method, url, json=body, headers=headers) as response:
+        assert response.status == expect, await response.text()
+        answer: dict[str, Any] = await response.json()
+        return answer
+
+
+def _resent(
+    arrivals: Sequence[str], at_kill: int, prefetch: int
+) -> tuple[set[str], set[str], set[str]]:
+    """Of the ids received more than once: all of them, those first sent before the kill, and
+    the ids of the killed worker's last ``prefetch`` requests.
+
+    A task sent before the kill and not acked (recorded or not: the worker held it) is sent
+    again; nothing acked earlier is, so those re-sent are among the last ``prefetch``."""
+    resent = {e for e, n in Counter(arrivals).items() if n > 1}
+    return (
+        resent,
+        resent & set(arrivals[:at_kill]),
+        set(arrivals[max(0, at_kill - prefetch) : at_kill]),
+    )
+
+
+@pytest.mark.timeout(120 * SCALE)
+async def test_recovery_survives_kill_9(
+    postgres_url: str,
+    amqp_url: str,
+    ca_bundle: str,
+    receiver: Receiver,
+    broker: AbstractRobustConnection,
+    pg_store: Store,
+    org: str,
+    ledger: Ledger,
+    worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # One retry: the failures only set the scene, and 2,000 events cost 4,000 attempts so.
+    schedule = (0.3,)
+    count, tries, prefetch = scaled(2000), len(schedule) + 1, 64
+    worker.env["SELLFERN_WEBHOOKS_RETRY_SCHEDULE"] = ",".join(map(str, schedule))
+    # The deliveries channel's prefetch: the most tasks the worker holds unacked.
+    worker.env["SELLFERN_WEBHOOKS_DELIVERY_CONCURRENCY"] = str(prefetch)
+    path = _DownThenUp()
+    endpoint = await ledger.add_endpoint(
+        pg_store, receiver, org, "/recovered", ["order.created"], path.serve
+    )
+    webhook_id = endpoint.webhook_id
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    await _start(worker)
+    await _all_fail(broker, ledger, pg_store, endpoint, count)
+    # The first attempt and the retry of every event, and nothing else.
+    assert path.failed == Counter(dict.fromkeys(ledger.confirmed, tries))
+
+    path.down = False
+    settings = make_settings(postgres_url, amqp_url, ca_bundle)
+    async with run_service(settings, role="api") as api, aiohttp.ClientSession() as http:
+        token = (await api.store.tokens.create(org, ("webhooks:manage",), "chaos"))[1]
+        url = f"http://127.0.0.1:{api.api_port}/api/v2/webhooks/{webhook_id}"
+        auth = {"Authorization": f"Bearer {token}"}
+        recovery = await _call(
+            http, "POST", f"{url}/recover", auth, 202, {"since": since.isoformat()}
+        )
+        assert (recovery["state"], recovery["total"]) == ("running", count)
+
+        # Half-way through: some recovered deliveries sent, the rest parked or queued.
+        await receiver.wait_for(lambda _: len(path.succeeded) >= count // 3, timeout=60 * SCALE)
+        await worker.kill()
+        # Every request the dead worker sent has arrived by now, those left in its sockets too.
+        seen_at_kill = len(path.succeeded)
+        recorded_at_kill = await _successes(pg_store, webhook_id)  # final for that process
+        parked_at_kill = await _parked_ids(pg_store, webhook_id)
+        at_kill = await pg_store.recoveries.get(org, webhook_id, recovery["id"])
+        assert at_kill is not None
+        assert seen_at_kill < count, "the recovery ended before the kill"
+        await _start(worker)
+
+        async def recovered() -> bool:
+            # The row the API reads; polled in the store, as the API limits a token's rate.
+            now = await pg_store.recoveries.get(org, webhook_id, recovery["id"])
+            states = await _delivery_states(pg_store, webhook_id)
+            return now is not None and now.state == "done" and states == Counter(succeeded=count)
+
+        await eventually(recovered, timeout=60 * SCALE, what="the recovery done, all succeeded")
+        done = await _call(http, "GET", f"{url}/recoveries/{recovery['id']}", auth, 200)
+    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys, schedule=schedule)
+    received = Counter(path.succeeded)
+    resent, resent_held, held = _resent(path.succeeded, seen_at_kill, prefetch)
+    # Never sent before the kill, sent twice after it: the sweep the killed worker had open had
+    # published their tasks, and its claim rolled back, so they were parked still.
+    resent_swept = resent - resent_held
+    in_flight = seen_at_kill - recorded_at_kill  # received at the kill but not recorded
+    with capsys.disabled():
+        print(  # noqa: T201
+            f"recovery through kill -9: recovered={len(received)}/{count} "
+            f"duplicates={len(resent)} in_flight_at_kill={in_flight} "
+            f"resent_recorded={len(resent_held) - in_flight} "
+            f"resent_from_open_sweep={len(resent_swept)} received_at_kill={seen_at_kill} "
+            f"parked_at_kill={len(parked_at_kill)} queued_at_kill={at_kill.queued}/{at_kill.total}"
+        )
+    assert set(received) == set(ledger.confirmed), "a recovered delivery was lost"
+    assert tally.delivered == tally.pairs == count
+    assert max(received.values()) <= 2, "sent again more than once"
+    # Every request not recorded at the kill is sent again (its task is redelivered).
+    assert len(resent_held) >= in_flight
+    assert resent_held <= held, sorted(resent_held - held)[:5]
+    assert resent_swept <= parked_at_kill, sorted(resent_swept - parked_at_kill)[:5]
+    assert len(resent_swept) <= MAX_RELEASE
+    # Sent again with the original's webhook-id: the event's own id, as each failed try had
+    # (every one of which was also received, twice, while the endpoint was down).
+    assert not path.mismatched
+    assert (done["state"], done["queued"], done["total"]) == ("done", count, count)
+    # Each recovered attempt is the next one of its delivery, after those that failed; each
+    # request is recorded, but those the killed worker had not recorded yet.
+    assert await _attempt_numbers(pg_store, webhook_id) == Counter(
+        {(n, False): count for n in range(1, tries + 1)}
+        | {(tries + 1, True): len(path.succeeded) - in_flight}
+    )

@@ -145,3 +145,19 @@ def test_endpoints_without_a_limit_are_untouched() -> None:
     s, _clock = make({"wh_limited": 1})
     routes = [decided(s.offer("wh_free", Source.TASK)).route for _ in range(32)]
     assert routes == [Route.START] * 32
+
+
+def test_a_lifted_limit_lets_the_waiting_line_start() -> None:
+    # Tasks wait for tokens; the limit is removed; a task offered then queues behind them,
+    # without a deadline, and nothing is in flight whose end would hand the line on.
+    limits = {"wh_limited": 2.0}
+    s, clock = make(limits, cap=4)
+    first = decided(s.offer("wh_limited", Source.TASK))
+    s.finished("wh_limited", first.ticket)
+    held = [s.offer("wh_limited", Source.TASK) for _ in range(3)]
+    assert all(o.decision is None for o in held)
+    del limits["wh_limited"]
+    late = s.offer("wh_limited", Source.TASK)
+    clock.advance(0.05)
+    s.review()
+    assert [decided(o).route for o in [*held, late]] == [Route.START] * 4

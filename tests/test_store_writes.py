@@ -239,6 +239,7 @@ async def test_every_implementation_leaves_the_same_rows(
         "order": "1",
         "lines": [1, 2],
     }
+
     def received(event: str) -> str:
         at: str = _row(rows["events"], id=f"evt_{event}_TAG")["received_at"]
         return at

@@ -73,6 +73,12 @@ class Metrics:
             "Deliveries a recovery put back in line to be sent again (parked, then released).",
             namespace=NAMESPACE, registry=r,
         )  # fmt: skip
+        self.already_recorded = Counter(
+            "deliveries_already_recorded",
+            "Redelivered or re-released deliveries the store had already succeeded (or parked): "
+            "settled without sending them again.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
         self.deferred = Counter(
             "deliveries_deferred", "Tasks put back: their endpoint was at its concurrency cap.",
             namespace=NAMESPACE, registry=r,

@@ -131,8 +131,13 @@ class AttemptRunner:
         retry_jitter: float,
         tracing: Tracing,
     ) -> None:
+        self._store = store
         self._sender = sender
         self._scheduler = scheduler
+        # Deliveries whose attempt is being sent or recorded here now: a second task for one
+        # (a sweep cut short by a crash released it twice) is settled unsent: the first one's
+        # outcome, its success or its retry, stands for both.
+        self._under_way: set[tuple[str, str]] = set()
         self._publisher = publisher
         self._writer = writer
         self._effects = effects
@@ -147,19 +152,37 @@ class AttemptRunner:
         )
 
     async def run(
-        self, task: DeliveryTask, ticket: int, body: bytes | None, trace: Carrier | None = None
+        self,
+        task: DeliveryTask,
+        ticket: int,
+        body: bytes | None,
+        trace: Carrier | None = None,
+        *,
+        recheck: bool = False,
     ) -> None:
         """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it.
 
         ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted);
-        ``trace`` the context of the fan-out that made the delivery (W3C headers), if known.
+        ``trace`` the context of the fan-out that made the delivery (W3C headers), if known;
+        ``recheck`` for a task that may have been attempted already (the broker redelivered
+        it, or a sweep released it): it is settled unsent if the store has it succeeded.
         """
         with self._tracing.attempt(task.event, task.webhook_id, task.attempt, trace) as span:
-            await self._attempt(task, ticket, body, span)
+            await self._attempt(task, ticket, body, span, recheck=recheck)
+
+    async def _already_recorded(self, task: DeliveryTask) -> bool:
+        """The delivery succeeded already. Only that: a failure may have been recorded while
+        its retry (or dead letter) was not yet confirmed, and then this task is its only way
+        on."""
+        state, _ = (await self._store.events.progress(task.event_id)).get(
+            task.webhook_id, ("pending", 0)
+        )
+        return state == "succeeded"
 
     async def _attempt(
-        self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced
-    ) -> None:
+        self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced, *,
+        recheck: bool,
+    ) -> None:  # fmt: skip
         self._metrics.in_flight.inc()
         answered = False
         try:
@@ -171,12 +194,26 @@ class AttemptRunner:
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
                 span.finished("skipped", None)
                 return
+            key = (task.event_id, task.webhook_id)
+            if recheck and (key in self._under_way or await self._already_recorded(task)):
+                log.info("delivery skipped: done or under way already", webhook_id=webhook.id)
+                self._metrics.already_recorded.inc()
+                span.finished("skipped", None)
+                return
             answered = True
+            self._under_way.add(key)
             sent = await self._sender.send_to(webhook, task.event, span.headers)
+        except BaseException:
+            if answered:
+                self._under_way.discard(key)
+            raise
         finally:
             self._metrics.in_flight.dec()
             self._scheduler.finished(task.webhook_id, ticket, answered=answered)
-        await self._settle(task, body, webhook, sent, span)
+        try:
+            await self._settle(task, body, webhook, sent, span)
+        finally:
+            self._under_way.discard(key)
 
     async def _settle(
         self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent, span: Traced

@@ -48,10 +48,11 @@ class DeliveriesConsumer:
         """Consumer callback; aio-pika runs each in a task of its own, so the log context
         bound for one task ends with it."""
         await self._settler.settle(
-            message, lambda: self._handle(message.body, dict(message.headers))
+            message,
+            lambda: self._handle(message.body, dict(message.headers), bool(message.redelivered)),
         )
 
-    async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
+    async def _handle(self, body: bytes, headers: dict[str, Any], redelivered: bool) -> None:
         hinted = headers.get(topology.WEBHOOK_HEADER)
         deferrals = headers.get(topology.DEFERRALS_HEADER)
         if isinstance(hinted, str) and deferrals is None:
@@ -84,7 +85,10 @@ class DeliveriesConsumer:
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
         # The attempt continues the fan-out's trace, which the task carries in its headers.
-        await self._runner.run(task, decision.ticket, body, self._tracing.incoming(headers))
+        recheck = redelivered or bool(headers.get(topology.RELEASED_HEADER))
+        await self._runner.run(
+            task, decision.ticket, body, self._tracing.incoming(headers), recheck=recheck
+        )
 
     @staticmethod
     def _parse(body: bytes) -> DeliveryTask | None:

@@ -28,6 +28,7 @@ from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.settle import Settler
 from worker.pipeline.tasks import DeliveryTask, encode_task
 from worker.pipeline.writer import BatchWriter, PipelineRecord
+from worker.store.events import EventRepository
 from worker.store.records import NewEvent
 
 log = structlog.get_logger("sellfern_webhooks.fanout")
@@ -107,8 +108,9 @@ class FanOut:
     def __init__(
         self, writer: BatchWriter[PipelineRecord], publisher: Publisher, scheduler: Scheduler,
         runner: AttemptRunner, tasks: TaskQueue, matcher: EndpointMatcher, settler: Settler,
-        metrics: Metrics, max_event_bytes: int, tracing: Tracing,
+        metrics: Metrics, max_event_bytes: int, tracing: Tracing, events: EventRepository,
     ) -> None:  # fmt: skip
+        self._events = events
         self._writer = writer
         self._publisher = publisher
         self._scheduler = scheduler
@@ -123,14 +125,17 @@ class FanOut:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Consumer callback; aio-pika runs each in a task of its own, so the log context
         bound while handling one event ends with it."""
-        await self._settler.settle(message, lambda: self._handle(message.body, message.headers))
+        redelivered = bool(message.redelivered)
+        await self._settler.settle(
+            message, lambda: self._handle(message.body, message.headers, redelivered)
+        )
 
-    async def _handle(self, body: bytes, headers: dict[str, Any] | None) -> None:
+    async def _handle(self, body: bytes, headers: dict[str, Any] | None, redelivered: bool) -> None:
         # One span per fan-out, continuing the publisher's trace (the message's headers).
         with self._tracing.fanout(headers) as span:
-            await self._fan_out(body, span)
+            await self._fan_out(body, span, redelivered)
 
-    async def _fan_out(self, body: bytes, span: Traced) -> None:
+    async def _fan_out(self, body: bytes, span: Traced, redelivered: bool) -> None:
         try:
             envelope, raw = parse_event(body, self._max_event_bytes)
         except RejectedEventError as exc:
@@ -140,6 +145,8 @@ class FanOut:
             return
         structlog.contextvars.bind_contextvars(event_id=envelope.id, event_type=envelope.type)
         webhook_ids = await self._matcher.lookup(envelope.organization_id, envelope.type)
+        if redelivered and webhook_ids:
+            webhook_ids = await self._not_yet_started(envelope.id, webhook_ids)
         span.fanned_out(envelope.id, envelope.type, len(webhook_ids))
         # Offered before the event is written: which deliveries are parked goes in that write.
         offers = [self._scheduler.offer(w, Source.NEW) for w in webhook_ids]
@@ -167,6 +174,22 @@ class FanOut:
             )
         self._metrics.events_consumed.labels(envelope.type).inc()
         log.debug("event fanned out", endpoints=len(webhook_ids))
+
+    async def _not_yet_started(self, event_id: str, webhook_ids: list[str]) -> list[str]:
+        """Of a redelivered event's endpoints, those the store does not have delivered or
+        parked: an event fanned out but not acked before a crash is not sent twice where its
+        first attempt succeeded, nor released twice where it was parked. Any other delivery is
+        offered again, so that none is lost: a failure's retry, or a queued task, may not have
+        been confirmed before the crash."""
+        progress = await self._events.progress(event_id)
+        started = {
+            webhook_id
+            for webhook_id, (state, _) in progress.items()
+            if state in ("succeeded", "parked")
+        }
+        if started:
+            self._metrics.already_recorded.inc(len(started & set(webhook_ids)))
+        return [w for w in webhook_ids if w not in started]
 
     async def _deliver(
         self,

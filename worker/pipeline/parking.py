@@ -77,6 +77,7 @@ class ParkingSweeper:
                             encode_task(
                                 event_id, webhook_id, attempts + 1, json.dumps(event).encode()
                             ),
+                            released=True,
                         )
                         for event_id, event, attempts in rows
                     )

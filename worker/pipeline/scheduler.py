@@ -224,8 +224,11 @@ class Scheduler:
         now = self._clock()
         for webhook_id in list(self._lines):
             endpoint = self._endpoints[webhook_id]
-            if endpoint.bucket is not None:
-                # Its turn may have come with time alone, not only with an attempt's end.
+            self._pace(webhook_id, endpoint, now)
+            if endpoint.bucket is not None or not endpoint.in_flight:
+                # Its turn may have come with time alone, not only with an attempt's end; and
+                # a line with nothing in flight (its limit was lifted while it waited) has no
+                # attempt whose end would hand it on.
                 self._hand_on(webhook_id, endpoint, now)
                 if webhook_id not in self._lines:
                     continue

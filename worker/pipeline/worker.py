@@ -130,6 +130,7 @@ class PipelineWorker:
         fanout = FanOut(
             self._writer, self._publisher, scheduler, runner, tasks, matcher,
             Settler(store.ping, "fan-out"), metrics, settings.max_event_bytes, self._tracing,
+            store.events,
         )  # fmt: skip
         deliveries = DeliveriesConsumer(
             scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics,

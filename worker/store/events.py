@@ -130,6 +130,17 @@ class EventRepository:
             for row in rows
         ]
 
+    async def progress(self, event_id: str) -> dict[str, tuple[DeliveryState, int]]:
+        """Each delivery of the event that exists: its state and attempts made, by endpoint."""
+        query = sa.select(deliveries.c.webhook_id, deliveries.c.state, deliveries.c.attempts).where(
+            deliveries.c.event_id == event_id
+        )
+        async with self._engine.connect() as connection:
+            return {
+                row.webhook_id: (row.state, int(row.attempts))
+                for row in await connection.execute(query)
+            }
+
     async def delivery_state(self, event_id: str, webhook_id: str) -> DeliveryState | None:
         """The state of the event's delivery to the endpoint; None if there is none."""
         async with self._engine.connect() as connection:
