@@ -13,8 +13,6 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aio_pika
-
 from bench import report
 from bench.harness import QUICK, Bench, Outcome, Sizes
 from bench.infra import Progress, postgres_database, tls_files, vhost
@@ -24,8 +22,10 @@ from bench.procs import REPO_ROOT
 from bench.receiver import run_receiver
 from bench.scenarios import NGINX_SCENARIOS, SCENARIOS
 from bench.sink import run_sink
+from schemas.amqp import connect_robust
 from worker.pipeline import topology
 from worker.settings import Settings
+from worker.startup import broker_address
 from worker.store import Store, crypto, database
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/<time>.json)")
     parser.add_argument("--amqp-base", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument(
+        "--amqp-url",
+        help="use this AMQP_URL as it is instead of a new vhost under --amqp-base; several "
+        "comma-separated URLs are the nodes of a cluster (worker and publisher get them all)",
+    )
     parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     return parser
 
@@ -150,8 +155,13 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
     secret_key = crypto.generate_key()
 
     async with AsyncExitStack() as stack:
-        progress("creating a RabbitMQ vhost and a PostgreSQL database")
-        amqp_url = await stack.enter_async_context(vhost(args.amqp_base))
+        if args.amqp_url:
+            progress(f"using the RabbitMQ node(s) {broker_address(args.amqp_url)} as they are")
+            amqp_url = args.amqp_url
+        else:
+            progress("creating a RabbitMQ vhost")
+            amqp_url = await stack.enter_async_context(vhost(args.amqp_base))
+        progress("creating a PostgreSQL database")
         database_url = await stack.enter_async_context(postgres_database(args.pg_admin_dsn))
         tls = tls_files(log_dir)
         receiver = await stack.enter_async_context(
@@ -167,7 +177,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
             sink = await stack.enter_async_context(run_sink(tls.cert, tls.key, log_dir, progress))
         engine = database.create_engine(database_url)
         stack.push_async_callback(engine.dispose)
-        connection = await aio_pika.connect_robust(
+        connection = await connect_robust(
             amqp_url, client_properties={"connection_name": "sellfern-webhooks bench"}
         )
         stack.push_async_callback(connection.close)
@@ -208,6 +218,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
         "receiver_procs": args.receiver_procs,
         "quick": args.quick,
         "tracing": args.tracing,
+        "amqp_nodes": broker_address(amqp_url),
     }
     meta = {
         "started_at": started.isoformat(),

@@ -4,7 +4,7 @@
 with ``ordered: true`` on nginx. The clock runs from the first attempt recorded to the last
 (the settling second of ordered delivery and the worker's start are not counted: this is the
 line's own pace). The order is checked too: the endpoint's successful attempts, in the order
-they were recorded, follow the order in which the worker stored the events.
+they were recorded, follow the service's order (``occurred_at``, then storage order).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from bench.harness import EVENT_TYPE, Bench, Outcome, rate
 from bench.load import order_event
-from worker.store.tables import attempts, deliveries
+from worker.store.tables import attempts, deliveries, events
 
 ORG = "org_bench_ordered"
 TARGET_RATE = 200
@@ -23,8 +23,9 @@ async def _order_kept(bench: Bench, webhook_id: str) -> tuple[bool, float | None
     """Whether success order is storage order, and the first and last attempt times."""
     stored = (
         sa.select(deliveries.c.event_id)
+        .join(events, events.c.id == deliveries.c.event_id)
         .where(deliveries.c.webhook_id == webhook_id)
-        .order_by(deliveries.c.created_at, deliveries.c.event_id)
+        .order_by(events.c.occurred_at, deliveries.c.created_at, deliveries.c.event_id)
     )
     sent = (
         sa.select(attempts.c.event_id, attempts.c.created_at)
@@ -64,6 +65,6 @@ async def ordered(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
     outcome.notes.append(
         f"{count} events queued before the worker starts, for one ordered endpoint on nginx; "
         "rate from its first recorded attempt to its last; order = successes by record time "
-        "against deliveries by (created_at, event_id)"
+        "against deliveries by (occurred_at, created_at, event_id)"
     )
     return outcome

@@ -29,6 +29,7 @@ from bench.harness import (
 from bench.live import live_isolation
 from bench.load import bare_client, order_event, wire_events
 from bench.ordered import ordered
+from bench.processes import processes
 from bench.queries import queries
 from bench.rate_limit import rate_limit
 from bench.recovery import recovery
@@ -332,6 +333,9 @@ SCENARIOS: dict[str, Scenario] = {
     "recovery": recovery,
     "ordered": ordered,
     "rate-limit": rate_limit,
+    "processes": processes,
 }
 # The scenarios whose deliveries go to nginx (bench.sink) rather than the Python receiver.
-NGINX_SCENARIOS = frozenset({"ceiling", "throughput", "burst", "recovery", "ordered", "rate-limit"})
+NGINX_SCENARIOS = frozenset(
+    {"ceiling", "throughput", "burst", "recovery", "ordered", "rate-limit", "processes"}
+)

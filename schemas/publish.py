@@ -3,6 +3,10 @@
     async with await aio_pika.connect_robust(url) as connection:
         await publish_event(connection, "order.created", "org_acme", {"order_id": "ord_1"})
 
+With a RabbitMQ cluster, ``schemas.amqp.connect_robust("amqp://…@node1/,amqp://…@node2/")``
+gives a connection that moves to another node by itself when its node stops; a publish
+under way meanwhile is confirmed by the next node or raises :class:`PublishError`.
+
 The event goes to the durable topic exchange ``sellfern.events`` with the event type as
 routing key, persistent and mandatory, and the call returns only once the broker has
 confirmed it. It raises :class:`PublishError` — never hangs — when the broker cannot be
@@ -25,6 +29,7 @@ from aio_pika.abc import AbstractConnection, HeadersType
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pamqp.commands import Basic
 
+from schemas.amqp import connect_first, node_urls
 from schemas.events import EventEnvelope, new_event_id
 
 EVENTS_EXCHANGE = "sellfern.events"
@@ -124,9 +129,15 @@ async def publish_event(
 
 
 async def connect(url: str, *, timeout: float = 10.0) -> AbstractConnection:
-    """Open a connection, failing with :class:`PublishError` instead of waiting forever."""
+    """Open a connection, failing with :class:`PublishError` instead of waiting forever.
+
+    ``url`` may list the nodes of a cluster, comma-separated: they are tried in turn, all
+    within ``timeout``.
+    """
     try:
-        return await asyncio.wait_for(aio_pika.connect(url), timeout)
+        if len(node_urls(url)) <= 1:
+            return await asyncio.wait_for(aio_pika.connect(url.strip()), timeout)
+        return await asyncio.wait_for(connect_first(url), timeout)
     except TimeoutError:
         raise PublishError(f"broker not reachable within {timeout:g}s") from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:

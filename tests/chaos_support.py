@@ -140,9 +140,16 @@ class Ledger:
             org, receiver.url(path), list(events), "chaos", enabled=True
         )
         endpoint = Endpoint(org, path, webhook.id, webhook.secret, frozenset(events))
-        self.endpoints[path] = endpoint
-        receiver.behaviours[path] = self._recording(endpoint, behaviour or _ok)
+        self.track(receiver, endpoint, behaviour)
         return endpoint
+
+    def track(
+        self, receiver: Receiver, endpoint: Endpoint, behaviour: Behaviour | None = None
+    ) -> None:
+        """Count ``endpoint`` (registered some other way, say through the API) in the tally,
+        and serve its path at ``receiver`` with ``behaviour``."""
+        self.endpoints[endpoint.path] = endpoint
+        receiver.behaviours[endpoint.path] = self._recording(endpoint, behaviour or _ok)
 
     def _recording(self, endpoint: Endpoint, behaviour: Behaviour) -> Behaviour:
         verifier = standardwebhooks.Webhook(endpoint.secret)

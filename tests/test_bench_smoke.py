@@ -28,6 +28,7 @@ SCENARIOS = (
     "recovery",
     "ordered",
     "rate-limit",
+    "processes",
 )
 # Counts whose target is zero: zero is the expected value, not a harness that measured nothing.
 MAY_BE_ZERO = ("deferrals at defaults, SQLite", "deferrals at defaults, PostgreSQL")
@@ -75,6 +76,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         "recovery",
         "ordered",
         "rate-limit",
+        "processes",
     }
     assert all(isinstance(f["passed"], bool) for f in targets)
     sinks = {f["scenario"]: f["sink"] for f in record["figures"]}

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from schemas.events import EVENT_TYPES, ORGANIZATION_ID_PATTERN
 from schemas.publish import PublishError, connect, publish_event
-from worker import __version__, runtime
+from worker import __version__, runtime, supervisor
 from worker.ops import dead_letters, dead_queue, listen
 from worker.ops.logging import configure_logging
 from worker.settings import Settings, SettingsError
@@ -198,6 +198,10 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings, box: crypto.SecretBox | None) -> int:
+    if args.command in ("serve", "worker") and settings.worker_processes > 1:
+        # A parent of WORKER_PROCESSES worker processes (and, for serve, the API).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(supervisor.run(settings, args.command, box=box))
     if args.command in ("serve", "api", "worker"):
         # uvloop: the same asyncio API with a loop written in C; the worker spends a fifth of
         # its time in the event loop itself.
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args, settings, box)
-    except (database.NotMigratedError, UnreachableError) as exc:
+    except (database.NotMigratedError, UnreachableError, SettingsError) as exc:
         print(f"sellfern-webhooks: {exc}", file=sys.stderr)
         return 2
     except (crypto.SecretBoxError, OSError) as exc:

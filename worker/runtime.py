@@ -139,11 +139,13 @@ async def run(
     stop: asyncio.Event | None = None,
     started: Callable[[Running], None] | None = None,
     handle_signals: bool = True,
+    metrics: Metrics | None = None,
 ) -> None:
     """Run one process until ``stop`` is set or SIGTERM/SIGINT arrives (if ``handle_signals``).
 
     ``box`` seals the signing secrets; the entry point builds it from ``settings`` (and so does
-    this function when it is not given).
+    this function when it is not given). ``metrics`` is the process's own unless given (the
+    supervisor's, whose /metrics sums every worker process).
     """
     box = box or crypto.load_box(settings)
     stop = stop or asyncio.Event()
@@ -155,7 +157,7 @@ async def run(
     async with AsyncExitStack() as stack:
         # Closed last, once every span has ended.
         tracing = await stack.enter_async_context(open_tracing(settings))
-        metrics = Metrics()
+        metrics = metrics or Metrics()
         engine = database.create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         await reach_database(

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
+import os
 from base64 import urlsafe_b64decode
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.amqp import node_urls
 
 SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -72,6 +75,8 @@ class Settings(BaseSettings):
     delivery_concurrency: int = Field(default=256, ge=1, le=10_000)
     endpoint_concurrency: int = Field(default=32, ge=1, le=10_000)
     shutdown_drain_seconds: float = Field(default=20, ge=0)
+    # Consumer processes of `worker` and `serve` (worker.supervisor); "auto" is one per core.
+    worker_processes: Annotated[int, NoDecode] = 1
     max_event_bytes: int = Field(default=256 * 1024, ge=1024)
     auto_disable_after_seconds: float = Field(default=5 * 24 * 3600, gt=0)
     # Events and attempts older than this are pruned by the worker, hourly.
@@ -102,8 +107,14 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+        # Several comma-separated URLs are the nodes of a cluster (schemas.amqp).
+        urls = node_urls(value)
+        if not urls:
+            raise ValueError("must name at least one amqp:// or amqps:// URL")
+        for url in urls:
+            if not url.startswith(("amqp://", "amqps://")):
+                scheme = url.split("://", 1)[0] if "://" in url else "no scheme"
+                raise ValueError(f"each URL must start with amqp:// or amqps://, not {scheme!r}")
         return value
 
     @field_validator("retry_schedule", mode="before")
@@ -121,6 +132,16 @@ class Settings(BaseSettings):
         if any(d <= 0 for d in delays):
             raise ValueError("every delay must be a positive number of seconds")
         return delays
+
+    @field_validator("worker_processes", mode="before")
+    @classmethod
+    def _parse_processes(cls, value: object) -> object:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return os.cpu_count() or 1
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ValueError(f"expected an integer of at least 1 or auto, got {value!r}")
+        return int(text)
 
     @field_validator("allowed_private_networks", mode="before")
     @classmethod

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.engine import make_url
-from yarl import URL
 
+from schemas.amqp import connect_robust, node_address, node_urls
 from worker.ops.logging import quiet
 
 T = TypeVar("T")
@@ -42,8 +42,8 @@ def database_address(url: str) -> str:
 
 
 def broker_address(url: str) -> str:
-    parsed = URL(url)
-    return f"{parsed.host or 'localhost'}:{parsed.port or 5672}"
+    """``host:port`` of each node of ``AMQP_URL`` (comma-separated when a cluster)."""
+    return ", ".join(node_address(u) for u in node_urls(url)) or "no URL"
 
 
 async def reach_database(url: str, step: Awaitable[T]) -> T:
@@ -63,11 +63,10 @@ async def reach_database(url: str, step: Awaitable[T]) -> T:
 
 async def reach_broker(url: str, **kwargs: Any) -> AbstractRobustConnection:  # noqa: ANN401
     """The robust connection the process keeps; its first connect must succeed in time
-    (later losses are ridden out by reconnecting)."""
+    (later losses are ridden out by reconnecting — to another node, when ``url`` lists a
+    cluster's nodes: see :mod:`schemas.amqp`)."""
     try:
-        with quiet("aiormq.connection", "aio_pika.robust_connection"):
-            return await asyncio.wait_for(
-                aio_pika.connect_robust(url, **kwargs), BROKER_CONNECT_SECONDS
-            )
+        with quiet("aiormq.connection", "aio_pika.robust_connection", "sellfern_webhooks.amqp"):
+            return await asyncio.wait_for(connect_robust(url, **kwargs), BROKER_CONNECT_SECONDS)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         raise UnreachableError("broker", "AMQP_URL", broker_address(url), exc) from exc

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TextIO
@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQu
 from pamqp.commands import Basic
 from yarl import URL
 
+from schemas.amqp import NoNodeReachableError, connect_first, node_urls
 from worker.ops.dead_letters import DeadLetter, describe, matches, redrive_headers
 from worker.ops.logging import quiet
 from worker.pipeline import topology
@@ -80,20 +81,21 @@ def _why(exc: BaseException) -> str:
 
 async def connect(amqp_url: str, name: str) -> AbstractConnection:
     """Connect to the first reachable of the comma-separated URLs, as the service does."""
-    urls = [u.strip() for u in amqp_url.split(",") if u.strip()]
-    errors = []
-    for url in urls:
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                with quiet("aiormq.connection"):
-                    return await aio_pika.connect(
-                        url, client_properties={"connection_name": f"sellfern-webhooks {name}"}
-                    )
-        except TimeoutError:
-            errors.append(f"{where(url)}: no answer within {CONNECT_TIMEOUT:g}s")
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-            errors.append(f"{where(url)}: {_why(exc)}")
-    raise BrokerUnreachableError("; ".join(errors) or "no URL given")
+    try:
+        with quiet("aiormq.connection"):
+            return await connect_first(
+                amqp_url,
+                node_timeout=CONNECT_TIMEOUT,
+                client_properties={"connection_name": f"sellfern-webhooks {name}"},
+            )
+    except NoNodeReachableError as exc:
+        errors = [
+            f"{where(url)}: no answer within {CONNECT_TIMEOUT:g}s"
+            if isinstance(error, TimeoutError)
+            else f"{where(url)}: {_why(error)}"
+            for url, error in exc.failures
+        ]
+        raise BrokerUnreachableError("; ".join(errors) or "no URL given") from None
 
 
 @dataclass
@@ -295,5 +297,4 @@ async def run(
 
 
 def _hosts(amqp_url: str) -> str:
-    urls: Sequence[str] = [u for u in amqp_url.split(",") if u.strip()]
-    return ", ".join(where(u) for u in urls)
+    return ", ".join(where(u) for u in node_urls(amqp_url))

@@ -33,6 +33,11 @@ class Health:
         self._beat = time.monotonic()
         self._broker_down_since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._checks: list[Callable[[], Awaitable[list[str]]]] = []
+
+    def add_check(self, check: Callable[[], Awaitable[list[str]]]) -> None:
+        """Make readiness also depend on ``check`` (its problems; none when ready)."""
+        self._checks.append(check)
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
@@ -70,6 +75,8 @@ class Health:
             problems.append(f"database: {type(exc).__name__}: {exc}"[:300])
         if self._connection.is_closed:
             problems.append("broker: connection closed (reconnecting)")
+        for check in self._checks:
+            problems.extend(await check())
         return problems
 
 
@@ -88,7 +95,7 @@ def health_routes(health: Health, metrics: Metrics) -> list[web.RouteDef]:
 
     async def metrics_view(_request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(metrics.exposition), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     handler = Callable[[web.Request], Awaitable[web.Response]]

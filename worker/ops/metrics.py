@@ -3,11 +3,17 @@
 Labels come from bounded sets only — event type, outcome, status class, reason, queue, route —
 never a URL or an endpoint id, so the number of series stays small however many customers
 there are.
+
+With ``WORKER_PROCESSES`` above 1 (:mod:`worker.supervisor`) every process writes its values
+to files in one directory (prometheus-client's multiprocess mode) and the parent serves their
+sum. Each gauge says how its values combine: ``livesum`` for what each process holds now,
+``livemostrecent`` for a figure every process reads from the same database or broker.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 NAMESPACE = "sellfern_webhooks"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
@@ -21,8 +27,12 @@ def status_class(status: int | None) -> str:
 class Metrics:
     """Every metric the service exports. One instance per process, built at the entry point."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, exposition: Collector | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        # What /metrics serves: this registry, or the sum of every process's files.
+        self.exposition: Collector = exposition or self.registry
         r = self.registry
         self.events_consumed = Counter(
             "events_consumed", "Events taken from webhooks.events and fanned out.",
@@ -53,12 +63,12 @@ class Metrics:
         )  # fmt: skip
         self.in_flight = Gauge(
             "deliveries_in_flight", "Delivery attempts under way now.",
-            namespace=NAMESPACE, registry=r,
+            namespace=NAMESPACE, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.parked = Gauge(
             "parked_deliveries",
             "Deliveries parked in the database for slow endpoints, all workers' (every 30 s).",
-            namespace=NAMESPACE, registry=r,
+            namespace=NAMESPACE, registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.parked_released = Counter(
             "parked_released", "Parked deliveries released to the deliveries queue.",
@@ -66,7 +76,7 @@ class Metrics:
         )  # fmt: skip
         self.recoveries_running = Gauge(
             "recoveries_running", "Recoveries under way, all workers' (as this worker last saw).",
-            namespace=NAMESPACE, registry=r,
+            namespace=NAMESPACE, registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.deliveries_recovered = Counter(
             "deliveries_recovered",
@@ -97,11 +107,11 @@ class Metrics:
         )  # fmt: skip
         self.queue_messages = Gauge(
             "queue_messages", "Messages ready in each queue (polled).",
-            ["queue"], namespace=NAMESPACE, registry=r,
+            ["queue"], namespace=NAMESPACE, registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.queue_consumers = Gauge(
             "queue_consumers", "Consumers attached to each queue (polled).",
-            ["queue"], namespace=NAMESPACE, registry=r,
+            ["queue"], namespace=NAMESPACE, registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.store_batch_size = Histogram(
             "store_batch_size", "Items written per store batch, by writer (attempts, events).",

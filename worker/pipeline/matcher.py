@@ -45,6 +45,11 @@ class EndpointMatcher:
             self._cache[key] = (now + MATCH_CACHE_TTL, ids)
         return ids
 
+    def forget_all(self) -> None:
+        """Drop every cached match (notices may have been missed while disconnected)."""
+        self._generation += 1
+        self._cache.clear()
+
     def invalidate(self, org_id: str) -> None:
         self._generation += 1
         for key in [k for k in self._cache if k[0] == org_id]:
@@ -56,8 +61,7 @@ class EndpointMatcher:
             try:
                 self.invalidate(str(json.loads(message.body)["org_id"]))
             except (ValueError, KeyError, TypeError):
-                self._generation += 1
-                self._cache.clear()
+                self.forget_all()
 
 
 class ChangeNotifier:

@@ -22,9 +22,10 @@ too. When the lane's worker dies, its lease goes with its database connection, a
 worker's lane resumes at the first delivery not recorded: nothing is lost or reordered, and at
 most the attempts in flight or not yet recorded are sent again.
 
-The order is that of ``(created_at, event_id)``: when each worker stored the event. A delivery
-is sent only once it has been stored for :data:`SETTLE_SECONDS`, so that an event stored a
-moment earlier by a slower worker, whose transaction is still committing, is not overtaken.
+The order is the publisher's: the events' ``occurred_at``, then the order the workers stored
+them (:meth:`~worker.store.ordered.OrderedBacklog.heads`). A delivery is sent only once it has
+been stored for :data:`SETTLE_SECONDS`, so that an event a slower worker took a moment later
+from the queue, or whose transaction is still committing, is not overtaken.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import asyncio
 import collections
 import json
 import random
-from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
@@ -49,7 +49,7 @@ from worker.pipeline.sender import Sender
 from worker.pipeline.tasks import encode_task
 from worker.pipeline.writer import BatchWriter, PipelineRecord
 from worker.store import Store
-from worker.store.ordered import Head
+from worker.store.ordered import Head, Leases
 from worker.store.records import AttemptRecord, DeliveryState, Webhook, utcnow
 
 log = structlog.get_logger("sellfern_webhooks.ordered")
@@ -100,7 +100,7 @@ class OrderedLanes:
     async def _serve(self, webhook_id: str) -> None:
         try:
             lane = Lane(webhook_id, self._policies, *self._lane_parts)
-            await lane.run(lambda: self._leases.holds(webhook_id))
+            await lane.run(self._leases)
         except Exception as exc:
             log.warning("ordered lane stopped", webhook_id=webhook_id, error=str(exc))
         finally:
@@ -133,11 +133,11 @@ class Lane:
         self._webhook: Webhook | None = None
         self._read_at_generation = -1
 
-    async def run(self, leased: Callable[[], bool]) -> None:
+    async def run(self, leases: Leases) -> None:
         loop = asyncio.get_running_loop()
         idle_since = loop.time()
         try:
-            while leased() and self._policies.ordered(self._webhook_id):
+            while leases.holds(self._webhook_id) and self._policies.ordered(self._webhook_id):
                 stored_before = utcnow() - timedelta(seconds=SETTLE_SECONDS)
                 heads = await self._store.ordered.heads(self._webhook_id, stored_before, HEADS)
                 if not heads:
@@ -147,13 +147,13 @@ class Lane:
                     continue
                 idle_since = loop.time()
                 self._webhook = None  # read again for every batch
-                if not await self._send_in_turn(heads, leased):
+                if not await self._send_in_turn(heads, leases):
                     return
                 await self._recorded()  # before the backlog is read again
         finally:
             await self._recorded()
 
-    async def _send_in_turn(self, heads: list[Head], leased: Callable[[], bool]) -> bool:
+    async def _send_in_turn(self, heads: list[Head], leases: Leases) -> bool:
         """Send ``heads`` in order until one must wait; False once the lane should end."""
         for head in heads:
             if head.next_attempt_at is not None and head.next_attempt_at > utcnow():
@@ -162,7 +162,9 @@ class Lane:
                 await asyncio.sleep(min(wait, LONGEST_NAP))
                 return True
             webhook = await self._endpoint()
-            if webhook is None or not webhook.enabled or not leased():
+            # Confirmed before each attempt: a lease whose connection was lost unnoticed may
+            # already be another worker's, whose lane would run beside this one.
+            if webhook is None or not webhook.enabled or not await leases.confirm(webhook.id):
                 return False
             decision = await self._scheduler.admit(self._webhook_id, Source.TASK)
             if decision.route is not Route.START:  # at its rate limit: its turn comes later

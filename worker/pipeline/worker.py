@@ -26,7 +26,12 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from worker.ops.metrics import Metrics
 from worker.ops.tracing import Tracing
@@ -110,6 +115,7 @@ class PipelineWorker:
         self._background: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopped = False
+        self._changes_queue = ""  # the server's name of this worker's change-notice queue
 
     @property
     def handling(self) -> int:
@@ -143,16 +149,35 @@ class PipelineWorker:
         )  # fmt: skip
 
         changes_channel = await self._channel()
-        # Server-named, exclusive and auto-deleted: each worker gets its own copy of every notice.
-        changes = await changes_channel.declare_queue(exclusive=True, auto_delete=True)
-        await changes.bind(topology.CHANGES_EXCHANGE)
         policies = self.policies
 
         async def on_change(message: AbstractIncomingMessage) -> None:
             await matcher.on_change(message)
             policies.changed()
 
-        self._consumers.append((changes, await changes.consume(on_change)))
+        async def listen_for_changes() -> None:
+            # Server-named, exclusive and auto-deleted: each worker gets its own copy of every
+            # notice. Declared afresh after each reconnect rather than restored by the robust
+            # channel under its old name: on a cluster, that name stays locked while the node
+            # that held it is down.
+            queue = await changes_channel.declare_queue(
+                "", exclusive=True, auto_delete=True, robust=False
+            )
+            await queue.bind(topology.CHANGES_EXCHANGE, robust=False)
+            tag = await queue.consume(on_change, robust=False)
+            self._consumers = [c for c in self._consumers if c[0].name != self._changes_queue]
+            self._changes_queue = queue.name
+            self._consumers.append((queue, tag))
+
+        async def reconnected(_connection: object) -> None:
+            # Notices sent while this worker was away are lost with its old queue.
+            matcher.forget_all()
+            policies.changed()
+            if not self._stopped:
+                await listen_for_changes()
+
+        await listen_for_changes()
+        self._connection.reconnect_callbacks.add(reconnected)
         # The prefetch of these channels bounds what the worker holds unacked, and so what may
         # wait in the scheduler's lines.
         await self._consume(topology.EVENTS_QUEUE, fanout.on_message)
@@ -197,7 +222,7 @@ class PipelineWorker:
             await asyncio.wait(pending, timeout=5)
         return len(pending)
 
-    async def _channel(self) -> AbstractChannel:
+    async def _channel(self) -> AbstractRobustChannel:
         channel = await self._connection.channel()
         self._channels.append(channel)
         return channel

@@ -1,14 +1,16 @@
 """Ordered endpoints' backlogs, and the lease that lets one worker at a time send to each.
 
 An ordered endpoint's deliveries are all parked by fan-out (and by recoveries); the worker
-that holds the endpoint's lease sends them one at a time, oldest first, in the order of
-``(created_at, event_id)`` — the order in which the workers stored the events
-(:mod:`worker.pipeline.ordered`).
+that holds the endpoint's lease sends them one at a time, in the order the events were
+published — their ``occurred_at``, then the order the workers stored them (see
+:meth:`OrderedBacklog.heads`; :mod:`worker.pipeline.ordered`).
 
 The lease is a PostgreSQL session-level advisory lock, taken on one connection per worker
 that holds every lease of that worker: if the worker dies, its connection closes and its
-leases go with it, so another worker takes the endpoint over. On SQLite one process is the
-only worker, and the lease is kept in memory.
+leases go with it, so another worker takes the endpoint over. The connection can also be lost
+while the worker lives (a terminated backend, a restart, a cut), so a lane confirms its lease
+on it before every attempt. On SQLite one process is the only worker, and the lease is kept
+in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from worker.store.tables import deliveries, events
 # The first key of the two-key advisory locks taken here, so that they cannot meet any other
 # advisory lock the database may hold. The second is the endpoint id's hashtext().
 LEASE_CLASS = 0x5F0D
+# How many of the oldest stored deliveries are put in the publisher's order (see heads).
+WINDOW = 500
+# How long confirming a lease may take before its connection counts as lost.
+CONFIRM_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,22 +50,37 @@ class OrderedBacklog:
         self._engine = engine
 
     async def heads(self, webhook_id: str, stored_before: datetime, limit: int) -> list[Head]:
-        """The oldest parked deliveries of the endpoint stored before ``stored_before``, in
-        order. Only the lease holder reads them, so nothing is locked."""
-        query = (
+        """The next parked deliveries of the endpoint stored before ``stored_before``, in
+        order: by the event's ``occurred_at``, then by when it was stored.
+
+        Several workers store events at once, each a few milliseconds behind the queue at
+        times, so storage order can swap neighbours that the publisher sent one after the
+        other; their ``occurred_at`` (the publisher's clock) puts them back. Only the oldest
+        :data:`WINDOW` stored are sorted so, through the parked index: an event stored that many
+        places late is sent in storage order. Only the lease holder reads them, so nothing is
+        locked."""
+        window = (
             sa.select(
-                deliveries.c.event_id, events.c.payload, deliveries.c.attempts,
-                deliveries.c.next_attempt_at,
+                deliveries.c.event_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
+                deliveries.c.created_at,
             )
-            .join(events, events.c.id == deliveries.c.event_id)
             .where(
                 deliveries.c.state == "parked",
                 deliveries.c.webhook_id == webhook_id,
                 deliveries.c.created_at < stored_before,
             )
             .order_by(deliveries.c.created_at, deliveries.c.event_id)
-            .limit(limit)
+            .limit(WINDOW)
+            .subquery()
         )  # fmt: skip
+        query = (
+            sa.select(
+                window.c.event_id, events.c.payload, window.c.attempts, window.c.next_attempt_at
+            )
+            .join(events, events.c.id == window.c.event_id)
+            .order_by(events.c.occurred_at, window.c.created_at, window.c.event_id)
+            .limit(limit)
+        )
         async with self._engine.connect() as connection:
             return [
                 Head(row.event_id, dict(row.payload), int(row.attempts), row.next_attempt_at)
@@ -86,8 +107,12 @@ class Leases:
         self._held.discard(webhook_id)
 
     def holds(self, webhook_id: str) -> bool:
-        """Still ours: checked before every attempt."""
+        """Still ours, as far as this worker knows: checked between batches, without I/O."""
         return webhook_id in self._held
+
+    async def confirm(self, webhook_id: str) -> bool:
+        """Still ours, as the database sees it: checked before every attempt."""
+        return self.holds(webhook_id)
 
     async def close(self) -> None:
         self._held.clear()
@@ -133,6 +158,23 @@ class AdvisoryLeases(Leases):
                 )
             except Exception:
                 await self._lost()
+
+    async def confirm(self, webhook_id: str) -> bool:
+        """A session-level lock lasts as long as its session, and the session can end without
+        this worker noticing — a terminated backend, a database restart, a cut connection —
+        while another worker takes the lock: so the connection is asked to answer."""
+        if webhook_id not in self._held:
+            return False
+        async with self._lock:
+            if self._connection is None:
+                return False
+            try:
+                async with asyncio.timeout(CONFIRM_SECONDS):
+                    await self._connection.execute(sa.select(1))
+            except Exception:
+                await self._lost()
+                return False
+        return webhook_id in self._held
 
     async def close(self) -> None:
         async with self._lock:
