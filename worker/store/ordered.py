@@ -73,11 +73,24 @@ class OrderedBacklog:
             .limit(WINDOW)
             .subquery()
         )  # fmt: skip
+        # An event stored after the cut that occurred earlier than a candidate must go first:
+        # the candidates stop short of the earliest such event.
+        younger = (
+            sa.select(sa.func.min(events.c.occurred_at))
+            .select_from(deliveries.join(events, events.c.id == deliveries.c.event_id))
+            .where(
+                deliveries.c.state == "parked",
+                deliveries.c.webhook_id == webhook_id,
+                deliveries.c.created_at >= stored_before,
+            )
+            .scalar_subquery()
+        )
         query = (
             sa.select(
                 window.c.event_id, events.c.payload, window.c.attempts, window.c.next_attempt_at
             )
             .join(events, events.c.id == window.c.event_id)
+            .where(sa.or_(younger.is_(None), events.c.occurred_at < younger))
             .order_by(events.c.occurred_at, window.c.created_at, window.c.event_id)
             .limit(limit)
         )
