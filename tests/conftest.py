@@ -124,6 +124,14 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
+async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
+    """A store on the session's PostgreSQL database, for tests that run PostgreSQL only."""
+    engine = database.create_engine(postgres_url)
+    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
+    await engine.dispose()
+
+
+@pytest.fixture
 def org() -> str:
     return f"org_{secrets.token_hex(6)}"
 

@@ -62,8 +62,7 @@ from worker.pipeline import topology
 from worker.pipeline.scheduler import MAX_RELEASE
 from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
 from worker.pipeline.tasks import DeliveryTask
-from worker.store import Store, database, tables
-from worker.store.crypto import SecretBox
+from worker.store import Store, tables
 from worker.store.records import Attempt
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
@@ -82,13 +81,6 @@ async def broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
     )
     yield connection
     await connection.close()
-
-
-@pytest.fixture
-async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
-    engine = database.create_engine(postgres_url)
-    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -39,8 +39,7 @@ from tests.chaos_support import (
 from tests.cluster_support import Cluster, Node
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
 from worker.pipeline import topology
-from worker.store import Store, database
-from worker.store.crypto import SecretBox
+from worker.store import Store
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -65,13 +64,6 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
         yield formed
     finally:
         await formed.close()
-
-
-@pytest.fixture
-async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
-    engine = database.create_engine(postgres_url)
-    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -41,8 +41,7 @@ from schemas.publish import publish_event
 from tests.chaos_support import SCALE, WorkerProcess, scaled, worker_env
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
 from worker.pipeline.ordered import RECORD_AHEAD
-from worker.store import Store, database
-from worker.store.crypto import SecretBox
+from worker.store import Store
 from worker.store.ordered import LEASE_CLASS
 from worker.store.tables import attempts, deliveries, events
 
@@ -133,13 +132,6 @@ class Kill:
     received: int  # requests the receiver had answered, the held one included
     successes: int  # of which 200s
     resumed_after: float  # seconds from the kill to the next holder's first request
-
-
-@pytest.fixture
-async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
-    engine = database.create_engine(postgres_url)
-    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
-    await engine.dispose()
 
 
 @pytest.fixture

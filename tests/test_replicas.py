@@ -82,13 +82,6 @@ async def broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
 
 
 @pytest.fixture
-async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
-    engine = database.create_engine(postgres_url)
-    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
-    await engine.dispose()
-
-
-@pytest.fixture
 def ledger(request: pytest.FixtureRequest) -> Ledger:
     return Ledger(request.node.name.removeprefix("test_"), seed())
 

@@ -28,11 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.publish import publish_event
 from tests.chaos_support import rabbitmqctl, worker_env
-from tests.conftest import AMQP_BASE, TEST_SECRET_KEY, Receiver, eventually
+from tests.conftest import AMQP_BASE, Receiver, eventually
 from worker.pipeline import topology
 from worker.settings import Settings, SettingsError
-from worker.store import Store, database
-from worker.store.crypto import SecretBox
+from worker.store import Store
 from worker.store.tables import attempts
 from worker.supervisor import backoff, check_supported
 
@@ -110,13 +109,6 @@ async def vhost_url() -> AsyncIterator[str]:
     await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     yield f"{AMQP_BASE}/{name}"
     await rabbitmqctl("delete_vhost", name)
-
-
-@pytest.fixture
-async def pg_store(postgres_url: str) -> AsyncIterator[Store]:
-    engine = database.create_engine(postgres_url)
-    yield Store(engine, SecretBox([TEST_SECRET_KEY]))
-    await engine.dispose()
 
 
 @dataclass
