@@ -264,3 +264,19 @@ def test_an_idle_endpoint_costs_a_fifth_of_a_kilobyte() -> None:
         tracemalloc.stop()
     assert len(s) == len(ids)
     assert per_endpoint < 250
+
+
+def test_the_requests_own_time_is_learned_not_the_workers_reads_before_it() -> None:
+    """A loaded worker spends a while between taking a slot and sending (reading the endpoint,
+    rechecking the task); an endpoint answering in 5 ms stays fast however long that took."""
+    s, clock = make(cap=4)
+    for _ in range(10):
+        decision = decided(s.offer("wh_fast", Source.TASK))
+        clock.advance(0.4)  # the slot's time: the worker's reads, then the request
+        s.finished("wh_fast", decision.ticket, seconds=0.005)
+    view = s.view("wh_fast")
+    assert not view.slow
+    assert view.response_seconds == pytest.approx(0.005)
+    # Measured by the slot alone, the same attempts make it slow.
+    measure(s, clock, "wh_other", 0.4, n=10)
+    assert s.view("wh_other").slow

@@ -150,6 +150,11 @@ class AttemptRunner:
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
             "webhooks", store.endpoints.get_many, None
         )
+        # Rechecks of tasks that may have been attempted already, one query for those asked
+        # together: a recovery releases its deliveries a thousand at a time, all rechecked.
+        self._succeeded: BatchLoader[tuple[str, str], bool] = BatchLoader(
+            "succeeded", store.events.succeeded, default=False
+        )
 
     async def run(
         self,
@@ -174,10 +179,7 @@ class AttemptRunner:
         """The delivery succeeded already. Only that: a failure may have been recorded while
         its retry (or dead letter) was not yet confirmed, and then this task is its only way
         on."""
-        state, _ = (await self._store.events.progress(task.event_id)).get(
-            task.webhook_id, ("pending", 0)
-        )
-        return state == "succeeded"
+        return await self._succeeded.get((task.event_id, task.webhook_id))
 
     async def _attempt(
         self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced, *,
@@ -185,6 +187,7 @@ class AttemptRunner:
     ) -> None:  # fmt: skip
         self._metrics.in_flight.inc()
         answered = False
+        sent: Sent | None = None
         try:
             webhook = await self._webhooks.get(task.webhook_id)
             if webhook is None or not webhook.enabled:
@@ -209,7 +212,12 @@ class AttemptRunner:
             raise
         finally:
             self._metrics.in_flight.dec()
-            self._scheduler.finished(task.webhook_id, ticket, answered=answered)
+            self._scheduler.finished(
+                task.webhook_id,
+                ticket,
+                answered=answered,
+                seconds=sent.duration_ms / 1000 if sent is not None else None,
+            )
         try:
             await self._settle(task, body, webhook, sent, span)
         finally:

@@ -185,11 +185,16 @@ class Scheduler:
 
     # --- attempts -------------------------------------------------------------------------
 
-    def finished(self, webhook_id: str, ticket: int, *, answered: bool = True) -> None:
+    def finished(
+        self, webhook_id: str, ticket: int, *, answered: bool = True, seconds: float | None = None
+    ) -> None:
         """An attempt started with ``ticket`` ended: learn from it and hand its slot on.
 
-        ``answered=False`` for a start that sent nothing (the endpoint was deleted or disabled
-        meanwhile, or the task was unreadable): its time says nothing about the endpoint.
+        ``seconds`` is the request's own time, when the caller measured it: the slot's time
+        also holds the worker's reads before the request, which under load say more about the
+        worker than the endpoint. ``answered=False`` for a start that sent nothing (the
+        endpoint was deleted or disabled meanwhile, or the task was unreadable): its time says
+        nothing about the endpoint.
         """
         now = self._clock()
         endpoint = self._endpoints[webhook_id]
@@ -198,7 +203,8 @@ class Scheduler:
             endpoint.in_flight = NOTHING_IN_FLIGHT
         self._in_flight -= 1
         if answered:
-            seconds = now - started
+            if seconds is None:
+                seconds = now - started
             average = endpoint.average
             endpoint.average = (
                 seconds if average is None else average + WEIGHT * (seconds - average)

@@ -6,6 +6,7 @@ this repository reads them back and enforces retention.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -140,6 +141,17 @@ class EventRepository:
                 row.webhook_id: (row.state, int(row.attempts))
                 for row in await connection.execute(query)
             }
+
+    async def succeeded(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        """Which of these (event id, endpoint id) deliveries have succeeded, in one query."""
+        wanted = set(keys)
+        query = sa.select(deliveries.c.event_id, deliveries.c.webhook_id).where(
+            deliveries.c.event_id.in_({event_id for event_id, _ in wanted}),
+            deliveries.c.state == "succeeded",
+        )
+        async with self._engine.connect() as connection:
+            found = {(row.event_id, row.webhook_id) for row in await connection.execute(query)}
+        return dict.fromkeys(found & wanted, True)
 
     async def delivery_state(self, event_id: str, webhook_id: str) -> DeliveryState | None:
         """The state of the event's delivery to the endpoint; None if there is none."""
