@@ -77,13 +77,13 @@ QUICK = Sizes(
     backlog_seconds=6,
     burst_events=300,
     live_isolation_rate=100,
-    live_isolation_seconds=3,
+    live_isolation_seconds=2,
     drain_timeout=20,
     query_attempts=20_000,
     query_endpoints=20,
     ordered_events=100,
     query_requests=20,
-    rate_limit_seconds=5,
+    rate_limit_seconds=3,
 )
 
 

@@ -47,7 +47,7 @@ PATH = "/limited"
 # After the three workers run: one count of the consumers (every WORKER_COUNT_SECONDS) gives
 # each its third; then the backlog's first releases settle.
 SETTLE_SECONDS = WORKER_COUNT_SECONDS + 2
-MEASURE_SECONDS = 30.0
+MEASURE_SECONDS = 15.0
 SUB_WINDOW_SECONDS = 5.0
 # A PATCH applies within this long (the change notice, else the policies' 5 s refresh)...
 APPLY_WITHIN_SECONDS = 6.0
