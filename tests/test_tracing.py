@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from structlog.testing import capture_logs
 
 from schemas.publish import publish_event, trace_headers
@@ -520,3 +521,27 @@ def test_setup_follows_the_otel_variables(values: dict[str, str], service: str |
             assert built.provider.resource.attributes["service.name"] == service
     finally:
         built.shutdown()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("state", [None, TraceState([("vendor", "v1")])])
+def test_a_spans_headers_are_what_the_propagator_writes_and_parse_back_to_it(
+    state: TraceState | None,
+) -> None:
+    """The headers formatted for a span, and the context remembered for them, are what the
+    W3C propagator would write while the span is current and read back from them."""
+    span_context = trace.SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(1),
+        trace_state=state,
+    )
+    with trace.use_span(trace.NonRecordingSpan(span_context)):
+        written = tracing.current_carrier()
+    carrier = tracing.carrier_of(span_context)
+    assert carrier == written
+    remembered = trace.get_current_span(tracing.context_of(carrier)).get_span_context()
+    extracted = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier))
+    assert remembered == extracted.get_span_context()
+    assert remembered.is_remote

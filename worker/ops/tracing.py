@@ -22,17 +22,20 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
+from contextvars import Token
 from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from worker import __version__
@@ -95,13 +98,36 @@ def carrier_from(headers: Mapping[str, Any] | None) -> Carrier | None:
     if parent is None or not _TRACEPARENT_SHAPE.fullmatch(parent):
         return None
     carrier = {TRACEPARENT: parent}
-    # The shape allows what the standard does not (an all-zero id, version ff): parse it.
-    if not trace.get_current_span(_W3C.extract(carrier)).get_span_context().is_valid:
-        return None
     state = _text(headers.get(TRACESTATE))
     if state and state.isprintable() and len(state) <= 512:
         carrier[TRACESTATE] = state
+    # The shape allows what the standard does not (an all-zero id, version ff): parse it.
+    if not trace.get_current_span(context_of(carrier)).get_span_context().is_valid:
+        return None
     return carrier
+
+
+# Contexts of the carriers met lately. An event's context is parsed where its message is
+# read and needed again where its span starts, and a fan-out's is needed by each attempt it
+# makes: parsing a traceparent costs about as much as starting a span.
+_CONTEXTS: dict[tuple[str, str | None], Context] = {}
+_CONTEXTS_KEPT = 4096
+
+
+def context_of(carrier: Carrier) -> Context:
+    """The context that W3C headers carry, as the propagator extracts it."""
+    key = (carrier[TRACEPARENT], carrier.get(TRACESTATE))
+    context = _CONTEXTS.get(key)
+    if context is None:
+        context = _remember(key, _W3C.extract(carrier))
+    return context
+
+
+def _remember(key: tuple[str, str | None], context: Context) -> Context:
+    if len(_CONTEXTS) >= _CONTEXTS_KEPT:
+        _CONTEXTS.clear()  # cheaper than keeping an order; the next ones are parsed again
+    _CONTEXTS[key] = context
+    return context
 
 
 def _text(value: object) -> str | None:
@@ -120,27 +146,49 @@ def current_carrier() -> Carrier:
     return carrier
 
 
+def carrier_of(context: SpanContext) -> Carrier:
+    """The W3C headers of a span, as :func:`current_carrier` would give them while it is
+    current, formatted directly; what they parse to is remembered for its children."""
+    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    carrier = {TRACEPARENT: parent}
+    state = context.trace_state.to_header() if context.trace_state else None
+    if state:
+        carrier[TRACESTATE] = state
+    remote = SpanContext(
+        context.trace_id,
+        context.span_id,
+        is_remote=True,
+        trace_flags=context.trace_flags,
+        trace_state=context.trace_state,
+    )
+    _remember((parent, state), trace.set_span_in_context(NonRecordingSpan(remote)))
+    return carrier
+
+
 class Traced:
     """One unit of work's span, or its stand-in when none is recorded.
 
     ``parent`` is the context it continues, ``headers`` the context to send on (W3C headers,
-    or None): with a span, the span's own; without one, the parent's, passed through.
+    or None): with a span, the span's own; without one, the parent's, passed through. The span
+    is current while the block runs, so log lines name it (:func:`worker.ops.logging`).
     """
 
-    __slots__ = ("_manager", "_span", "headers", "parent")
+    __slots__ = ("_span", "_start", "_token", "headers", "parent")
 
-    def __init__(
-        self, parent: Carrier | None, manager: AbstractContextManager[Span] | None = None
-    ) -> None:
+    def __init__(self, parent: Carrier | None, start: Callable[[], Span] | None = None) -> None:
         self.parent = parent
         self.headers = parent
-        self._manager = manager
+        self._start = start
         self._span: Span | None = None
+        self._token: Token[Context] | None = None
 
     def __enter__(self) -> Self:
-        if self._manager is not None:
-            self._span = self._manager.__enter__()
-            self.headers = current_carrier()
+        if self._start is not None:
+            span = self._span = self._start()
+            # Attached by hand rather than with start_as_current_span: the same, without the
+            # generator-based context manager that costs more than the span itself.
+            self._token = otel_context.attach(trace.set_span_in_context(span))
+            self.headers = carrier_of(span.get_span_context())
         return self
 
     def __exit__(
@@ -149,13 +197,16 @@ class Traced:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._manager is None:
+        span = self._span
+        if span is None:
             return
-        if exc_type is not None and self._span is not None:
+        if exc_type is not None:
             # The type only: the message may quote a URL or a statement's parameters.
-            self._span.set_attribute(ERROR_TYPE, exc_type.__qualname__)
-            self._span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
-        self._manager.__exit__(exc_type, exc, tb)
+            span.set_attribute(ERROR_TYPE, exc_type.__qualname__)
+            span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
+        if self._token is not None:
+            otel_context.detach(self._token)
+        span.end()
 
     def fanned_out(self, event_id: str, event_type: str, endpoints: int) -> None:
         if self._span is not None:
@@ -207,8 +258,8 @@ class Tracing:
             ATTEMPT: number,
             METHOD: "POST",
         }
-        manager = _start(self._tracer, "webhooks attempt", SpanKind.CLIENT, parent, attributes)
-        return Traced(parent, manager)
+        start = _start(self._tracer, "webhooks attempt", SpanKind.CLIENT, parent, attributes)
+        return Traced(parent, start)
 
     def middlewares(self, prefix: str) -> list[Middleware]:
         """The API's tracing middleware (none without a tracer): one span per request under
@@ -267,11 +318,11 @@ def _start(
     kind: SpanKind,
     parent: Carrier | None,
     attributes: dict[str, str | int],
-) -> AbstractContextManager[Span]:
-    """A span current while its block runs; errors are recorded by type by :class:`Traced`."""
-    return tracer.start_as_current_span(
+) -> Callable[[], Span]:
+    """Starts the span when :class:`Traced` enters; errors are recorded by type there."""
+    return lambda: tracer.start_span(
         name,
-        context=_W3C.extract(parent) if parent else None,
+        context=context_of(parent) if parent else None,
         kind=kind,
         attributes=attributes,
         record_exception=False,
