@@ -8,6 +8,9 @@
   killed with SIGKILL or stopped with SIGTERM.
 - :class:`TcpProxy` stands between the worker and PostgreSQL and can cut every connection.
 - :func:`publish_load` publishes a paced stream of events with publisher confirms.
+- :func:`close_vhost_connections`, :func:`terminate_backends` and :func:`rss_mb` serve the
+  soak (``tests/test_soak.py``): broker and database faults confined to the run's own
+  vhost and database, and a process's resident memory.
 
 ``CHAOS_SCALE`` (default 1) multiplies event counts, load durations and the number of faults,
 for manual soak runs; ``CHAOS_SEED`` replays one run's random choices.
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -26,8 +30,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 import standardwebhooks
 from aio_pika.abc import AbstractConnection
@@ -35,7 +41,7 @@ from aiohttp import web
 
 from schemas.events import new_event_id
 from schemas.publish import PublishError, publish_event
-from tests.conftest import Receiver
+from tests.conftest import PG_ADMIN_DSN, Receiver
 from worker.pipeline import topology
 from worker.store import Store
 from worker.store.tables import deliveries
@@ -551,3 +557,47 @@ async def _until_closed(request: web.Request, limit: float) -> None:
     # Polling the connection state: aiohttp gives a handler no event for "client went away".
     while transport is not None and not transport.is_closing() and time.monotonic() < deadline:  # noqa: ASYNC110 - see above
         await asyncio.sleep(0.1)
+
+
+# --- faults of a run's own vhost and database; a process's memory ---------------------------
+
+
+async def close_vhost_connections(amqp_url: str, reason: str = "chaos") -> int:
+    """Close every broker connection of ``amqp_url``'s virtual host, and only of that one
+    (other sessions share the broker); return how many the broker closed."""
+    vhost = unquote(urlsplit(amqp_url).path.removeprefix("/"))
+    if not vhost or "," in amqp_url:
+        raise ValueError(f"not one test virtual host: {amqp_url!r}")
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", "close_all_connections", "-p", vhost, reason,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    if process.returncode:
+        raise RuntimeError(f"close_all_connections -p {vhost}: {(out + err).decode()[-500:]}")
+    closed = re.search(r"Closed (\d+) connection", out.decode())
+    return int(closed.group(1)) if closed else 0
+
+
+async def terminate_backends(database_url: str) -> int:
+    """``pg_terminate_backend`` every session of ``database_url``'s database (as a failover or
+    an administrator would), from the admin database; return how many were terminated."""
+    name = sa.make_url(database_url).database
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        terminated = await admin.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await admin.close()
+    return int(terminated)
+
+
+def rss_mb(pid: int) -> float:
+    """The resident set size of process ``pid`` now (``VmRSS``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ProcessLookupError(pid)
