@@ -213,6 +213,18 @@ class Ledger:
     def _state(self, event_id: str, endpoint: Endpoint) -> str | None:
         return self._states.get((event_id, endpoint.webhook_id))
 
+    async def unrecorded(self, store: Store) -> set[tuple[str, str]]:
+        """The pairs the receiver accepted that the store does not have succeeded. Read just
+        after a worker's kill, they are its attempts in flight: sent, answered, not yet
+        recorded; each may be sent once more."""
+        await self._read_states(store)
+        return {
+            (event_id, path)
+            for (event_id, path), accepted in self.accepted.items()
+            if accepted
+            and self._states.get((event_id, self.endpoints[path].webhook_id)) != "succeeded"
+        }
+
     async def settled(self, store: Store) -> bool:
         """Every pair is delivered and recorded succeeded, or recorded failed."""
         if time.monotonic() - self._states_read_at < STATE_POLL_SECONDS:
