@@ -188,8 +188,15 @@ class AttemptRunner:
         self._metrics.in_flight.inc()
         answered = False
         sent: Sent | None = None
+        key = (task.event_id, task.webhook_id)
         try:
-            webhook = await self._webhooks.get(task.webhook_id)
+            if recheck and key not in self._under_way:
+                # Both reads at once: the endpoint's slot is held while they run.
+                webhook, done = await asyncio.gather(
+                    self._webhooks.get(task.webhook_id), self._already_recorded(task)
+                )
+            else:
+                webhook, done = await self._webhooks.get(task.webhook_id), recheck
             if webhook is None or not webhook.enabled:
                 log.info(
                     "delivery skipped: endpoint deleted or disabled", webhook_id=task.webhook_id
@@ -197,8 +204,7 @@ class AttemptRunner:
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
                 span.finished("skipped", None)
                 return
-            key = (task.event_id, task.webhook_id)
-            if recheck and (key in self._under_way or await self._already_recorded(task)):
+            if done:
                 log.info("delivery skipped: done or under way already", webhook_id=webhook.id)
                 self._metrics.already_recorded.inc()
                 span.finished("skipped", None)
