@@ -20,12 +20,13 @@ request continue that trace.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, HeadersType
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pamqp.commands import Basic
 
@@ -85,17 +86,10 @@ async def publish_envelope(
     )
     try:
         async with asyncio.timeout(timeout):
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            try:
-                # Idempotent; lets a publisher start before the service has declared it.
-                exchange = await channel.declare_exchange(
-                    EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-                )
-                confirmation = await exchange.publish(
-                    message, routing_key=envelope.type, mandatory=True
-                )
-            finally:
-                await channel.close()
+            exchange = await _confirming_exchange(connection)
+            confirmation = await exchange.publish(
+                message, routing_key=envelope.type, mandatory=True
+            )
     except TimeoutError:
         raise PublishError(f"no confirm from the broker within {timeout:g}s") from None
     except aio_pika.exceptions.DeliveryError as exc:
@@ -108,6 +102,34 @@ async def publish_envelope(
         raise PublishError(f"broker connection lost: {exc}") from None
     if not isinstance(confirmation, Basic.Ack):
         raise PublishError(f"the broker did not accept the event: {confirmation!r}")
+
+
+# One confirming channel per connection, opened at its first publish and kept: opening a
+# channel, declaring the exchange and closing the channel again would cost three round trips
+# more than each publish itself. Publishes share it, each awaiting its own confirm; once it
+# is closed (a channel error, or a connection lost and not restored), the next one opens
+# another. A robust connection restores it with itself after a reconnect.
+_CHANNELS: weakref.WeakKeyDictionary[
+    AbstractConnection, tuple[AbstractChannel, AbstractExchange]
+] = weakref.WeakKeyDictionary()
+_OPENING: weakref.WeakKeyDictionary[AbstractConnection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def _confirming_exchange(connection: AbstractConnection) -> AbstractExchange:
+    cached = _CHANNELS.get(connection)
+    if cached is not None and not cached[0].is_closed:
+        return cached[1]
+    async with _OPENING.setdefault(connection, asyncio.Lock()):
+        cached = _CHANNELS.get(connection)
+        if cached is not None and not cached[0].is_closed:
+            return cached[1]
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Idempotent; lets a publisher start before the service has declared it.
+        exchange = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        _CHANNELS[connection] = (channel, exchange)
+        return exchange
 
 
 async def publish_event(
