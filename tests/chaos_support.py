@@ -43,10 +43,14 @@ from schemas.events import new_event_id
 from schemas.publish import PublishError, publish_event
 from tests.conftest import PG_ADMIN_DSN, Receiver
 from worker.pipeline import topology
+from worker.pipeline.outcome import jitter_tiers
+from worker.settings import Settings
 from worker.store import Store
 from worker.store.tables import deliveries
 
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
+# The workers' RETRY_JITTER: the chaos suite leaves it at its default.
+DEFAULT_JITTER = Settings.model_fields["retry_jitter"].default
 # How often a settle check may query the database; the receiver side is checked every time.
 STATE_POLL_SECONDS = 0.25
 
@@ -317,13 +321,17 @@ async def publish_load(
     await asyncio.gather(*(publisher() for _ in range(concurrency)))
 
 
-async def queues_idle(amqp_url: str, retry_schedule: Sequence[float]) -> bool:
-    """No ready message in the events, deliveries, deferred and retry queues."""
+async def queues_idle(
+    amqp_url: str, retry_schedule: Sequence[float], jitter: float = DEFAULT_JITTER
+) -> bool:
+    """No ready message in the events, deliveries, deferred and retry queues: every tier of
+    each retry delay, spread by the workers' ``RETRY_JITTER`` (the default unless given)."""
+    tiers = {tier for delay in retry_schedule for tier in jitter_tiers(delay, jitter)}
     names = [
         topology.EVENTS_QUEUE,
         topology.DELIVERIES_QUEUE,
         *(topology.deferred_queue_name(d) for d in topology.DEFER_TIERS),
-        *(topology.retry_queue_name(d) for d in set(retry_schedule)),
+        *(topology.retry_queue_name(d) for d in sorted(tiers)),
     ]
     connection = await aio_pika.connect(amqp_url)
     try:

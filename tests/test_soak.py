@@ -50,7 +50,6 @@ from tests.chaos_support import (
 )
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, fresh_postgres
 from tests.test_replicas import ApiProcess
-from worker.pipeline.outcome import jitter_tiers
 from worker.store import Store, database
 from worker.store.crypto import SecretBox
 
@@ -270,8 +269,9 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
                 timeout=SETTLE_SECONDS,
                 what="every pair delivered or recorded failed",
             )
-            tiers = [t for delay in SCHEDULE for t in jitter_tiers(delay, JITTER)]
-            await eventually(lambda: queues_idle(amqp_url, tiers), timeout=60, what="queues idle")
+            await eventually(
+                lambda: queues_idle(amqp_url, SCHEDULE, JITTER), timeout=60, what="queues idle"
+            )
             soak.notes.append(f"settled {asyncio.get_running_loop().time() - start:.1f}s in")
         finally:
             tally = await ledger.tally(store)
