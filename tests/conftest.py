@@ -14,6 +14,7 @@ import shutil
 import ssl
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -193,6 +194,8 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Requests so far by path: what a behaviour is told, without a scan of ``received``.
+    _per_path: Counter[str] = field(default_factory=Counter)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
@@ -202,7 +205,8 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        seen = len(self.at(request.path))
+        seen = self._per_path[request.path]
+        self._per_path[request.path] += 1
         behaviour = self.behaviours.get(request.path, _ok)
         try:
             return await behaviour(request, seen)

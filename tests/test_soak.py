@@ -154,8 +154,8 @@ async def _sample(pids: dict[str, int], receiver: Receiver, start: float) -> dic
         await asyncio.sleep(max(0.0, start + k * SAMPLE_SECONDS - loop.time()))  # the period
         for name, pid in pids.items():
             samples[name].append((k * SAMPLE_SECONDS, rss_mb(pid)))
-        # The ledger counts every answer; the receiver's own list, scanned on every request
-        # (Receiver.at), would otherwise grow with the run and slow this process down.
+        # The ledger counts every answer; the receiver's own list of every request, bodies
+        # included, would otherwise grow with the run.
         receiver.received.clear()
     return samples
 
