@@ -162,7 +162,7 @@ class FanOut:
         if len(offers) == 1:
             # The common case, without the task per endpoint that gather would start.
             try:
-                await self._deliver(envelope, raw, body, offers[0], span.headers)
+                await self._deliver(envelope, raw, body, offers[0], span.headers, stored)
             except BaseException:
                 stored.add_done_callback(_observe)
                 raise
@@ -170,7 +170,10 @@ class FanOut:
         else:
             await asyncio.gather(
                 stored,
-                *(self._deliver(envelope, raw, body, offer, span.headers) for offer in offers),
+                *(
+                    self._deliver(envelope, raw, body, offer, span.headers, stored)
+                    for offer in offers
+                ),
             )
         self._metrics.events_consumed.labels(envelope.type).inc()
         log.debug("event fanned out", endpoints=len(webhook_ids))
@@ -198,8 +201,10 @@ class FanOut:
         body: bytes,
         offer: Offer,
         trace: Carrier | None,
+        stored: asyncio.Future[None],
     ) -> None:
-        """Make the first attempt when the scheduler starts it; queue a task when it says so.
+        """Make the first attempt when the scheduler starts it; queue a task when it says so,
+        once the event's write (``stored``) is committed.
 
         Either way the attempt continues ``trace``, the fan-out's context.
         """
@@ -216,5 +221,9 @@ class FanOut:
             await self._runner.run(task, decision.ticket, None, trace)
             self._metrics.deliveries_published.labels(envelope.type, "direct").inc()
             return
+        # Not before: another worker could take the task and write its attempt while this
+        # write, which opens the delivery, is still open, each transaction then waiting on a
+        # row of the other's (PostgreSQL ends one of them as a deadlock, after a second).
+        await asyncio.shield(stored)
         await self._tasks.queue(webhook_id, encode_task(envelope.id, webhook_id, 1, body), trace)
         self._metrics.deliveries_published.labels(envelope.type, "queued").inc()
