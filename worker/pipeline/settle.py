@@ -73,4 +73,6 @@ class Settler:
             except Exception:
                 log.exception("handling failed; the message will be redelivered", stage=self._stage)
                 await asyncio.sleep(REQUEUE_BACKOFF_SECONDS)
-                raise
+                # Settled here rather than raised to process(), which would reject it just the
+                # same but leave the consumer's task to end in an error logged twice more.
+                await message.reject(requeue=True)
