@@ -51,6 +51,8 @@ from worker.store.tables import deliveries
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
 # The workers' RETRY_JITTER: the chaos suite leaves it at its default.
 DEFAULT_JITTER = Settings.model_fields["retry_jitter"].default
+# After a kill -9, for the requests the worker had written to arrive at the receiver.
+IN_THE_SOCKETS_SECONDS = 0.3
 # How often a settle check may query the database; the receiver side is checked every time.
 STATE_POLL_SECONDS = 0.25
 

@@ -38,6 +38,7 @@ from aiohttp import web
 
 from schemas.publish import PublishError, connect, publish_event
 from tests.chaos_support import (
+    IN_THE_SOCKETS_SECONDS,
     SCALE,
     Endpoint,
     Ledger,
@@ -69,20 +70,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(150 * SCALE)]
 
 ORDER_TYPES = ("order.created", "order.updated", "order.created")
 TEST_SCHEDULE = (0.3, 0.3)
-# After a kill -9, for the requests the worker had written to arrive at the receiver.
-IN_THE_SOCKETS_SECONDS = 0.3
-
-
-@pytest.fixture
-async def broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    # A publisher that retries its connection every second, not every five (the default).
-    connection = await aio_pika.connect_robust(
-        amqp_url,
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
-        reconnect_interval=1,
-    )
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import signal
 import socket
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -40,6 +38,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from tests.chaos_support import (
+    IN_THE_SOCKETS_SECONDS,
     Endpoint,
     Ledger,
     Tally,
@@ -66,21 +65,7 @@ ENDPOINT_CAP = "2"
 # A request the worker had already put on the wire when the PATCH returned may still be read
 # by the receiver a moment later (this process's event loop also runs the load).
 ON_THE_WIRE_SECONDS = 0.05
-# After a kill -9, for the requests the worker had written to arrive at the receiver.
-IN_THE_SOCKETS_SECONDS = 0.3
 SKIPPED = "delivery skipped: endpoint deleted or disabled"
-
-
-@pytest.fixture
-async def broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    # A publisher that retries its connection every second, not every five (the default).
-    connection = await aio_pika.connect_robust(
-        amqp_url,
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
-        reconnect_interval=1,
-    )
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

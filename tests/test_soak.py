@@ -20,17 +20,15 @@ CI runs it at scale 1 (30 s of load, one fault). The 30-minute soak, a fault eve
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import secrets
 import statistics
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -184,23 +182,11 @@ async def _poll_api(api: ApiProcess, token: str, webhook_id: str, statuses: Coun
             await asyncio.sleep(1.0)  # a dashboard's refresh
 
 
-@pytest.fixture
-async def robust_broker(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    # A publisher that retries its connection every second, not every five (the default).
-    connection = await aio_pika.connect_robust(
-        amqp_url,
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
-        reconnect_interval=1,
-    )
-    yield connection
-    await connection.close()
-
-
 async def test_soak(  # noqa: PLR0915 - one scenario, told in order
     amqp_url: str,
     ca_bundle: str,
     receiver: Receiver,
-    robust_broker: AbstractRobustConnection,
+    broker: AbstractRobustConnection,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -247,7 +233,7 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
         start = asyncio.get_running_loop().time()
         per_org = int(RATE * DURATION) // len(orgs)
         loads = [
-            publish_load(robust_broker, ledger, org, ORDER_TYPES, per_org, DURATION, concurrency=8)
+            publish_load(broker, ledger, org, ORDER_TYPES, per_org, DURATION, concurrency=8)
             for org in orgs
         ]
         pids = {"worker": soak.a.process.pid, "api": soak.api.process.pid}
