@@ -182,12 +182,14 @@ async def test_kill_9_under_load(
         await worker.start()
     await load
     tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    # Reported beside the duplicates, not bounded by them: an event fanned out but not acked
+    # before a kill is fanned out again, and a delivery of it that had a task queued (this
+    # worker's global cap is small) gets a second task, sent as well if neither came round
+    # before the kill.
     with capsys.disabled():
         print(f"kill -9: in flight at each kill={at_each_kill} duplicates={tally.duplicates}")  # noqa: T201
     assert worker.kills >= 3
     assert tally.duplicate_ratio <= 0.01
-    # A duplicate is an attempt that was in flight at a kill, sent once more: nothing else.
-    assert tally.duplicates <= len(in_flight)
 
 
 # --- 2. RabbitMQ restarted ------------------------------------------------------------------

@@ -268,7 +268,6 @@ async def test_replicas_kill_9_takeover_and_pause(  # noqa: PLR0915 - one scenar
                 f"within {takeover:.1f}s; every pair settled {settled:.1f}s after the kill; "
                 f"in flight at the kill={unrecorded_at_kill} duplicates={tally.duplicates}"
             )
-        assert tally.duplicates <= unrecorded_at_kill
         assert parked_at_kill, "the kill found no parked backlog to take over"
         assert tally.delivered + tally.failed == tally.pairs
         assert workers[0].starts == 1, "the killed worker was not restarted"
