@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -55,6 +56,8 @@ DEFAULT_JITTER = Settings.model_fields["retry_jitter"].default
 IN_THE_SOCKETS_SECONDS = 0.3
 # How often a settle check may query the database; the receiver side is checked every time.
 STATE_POLL_SECONDS = 0.25
+# Below this many open pairs a settle check reads only their rows, not every delivery.
+FEW_OPEN_PAIRS = 2000
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
@@ -133,6 +136,10 @@ class Ledger:
     bad_signatures: int = 0
     _states: dict[tuple[str, str], str] = field(default_factory=dict)
     _states_read_at: float = 0.0
+    # Settle checks: the pairs not yet settled, and what they were computed from (events
+    # confirmed, endpoints) so that a pair added since is not missed.
+    _open: list[tuple[str, Endpoint]] = field(default_factory=list)
+    _open_from: tuple[int, int] = (0, 0)
 
     async def add_endpoint(
         self,
@@ -232,17 +239,57 @@ class Ledger:
         }
 
     async def settled(self, store: Store) -> bool:
-        """Every pair is delivered and recorded succeeded, or recorded failed."""
+        """Every pair is delivered and recorded succeeded, or recorded failed.
+
+        Each check looks again only at the pairs still open: a 30-minute soak has most of a
+        million, and reading them all four times a second starves the receiver it waits on.
+        """
         if time.monotonic() - self._states_read_at < STATE_POLL_SECONDS:
             return False
-        await self._read_states(store)
-        for event_id, endpoint in self.pairs():
-            state = self._state(event_id, endpoint)
-            if state == "failed":
-                continue
-            if not self.accepted[(event_id, endpoint.path)] or state != "succeeded":
-                return False
-        return True
+        self._open_new_pairs()
+        if len(self._open) > FEW_OPEN_PAIRS:
+            await self._read_states(store)
+        else:
+            await self._read_states_of(store, self._open)
+        self._open = [
+            (event_id, endpoint)
+            for event_id, endpoint in self._open
+            if not self._pair_settled(event_id, endpoint)
+        ]
+        return not self._open
+
+    def _open_new_pairs(self) -> None:
+        events, endpoints = self._open_from
+        if endpoints != len(self.endpoints):  # an endpoint added since: start again
+            self._open, events = [], 0
+        for event_id, (org, event_type) in itertools.islice(self.confirmed.items(), events, None):
+            self._open.extend(
+                (event_id, endpoint)
+                for endpoint in self.endpoints.values()
+                if endpoint.org == org and event_type in endpoint.events
+            )
+        self._open_from = (len(self.confirmed), len(self.endpoints))
+
+    def _pair_settled(self, event_id: str, endpoint: Endpoint) -> bool:
+        state = self._state(event_id, endpoint)
+        return state == "failed" or (
+            state == "succeeded" and bool(self.accepted[(event_id, endpoint.path)])
+        )
+
+    async def _read_states_of(self, store: Store, pairs: Sequence[tuple[str, Endpoint]]) -> None:
+        event_ids = sorted({event_id for event_id, _ in pairs})
+        ids = [e.webhook_id for e in self.endpoints.values()]
+        async with store.engine.connect() as connection:
+            for start in range(0, len(event_ids), 500):
+                query = sa.select(
+                    deliveries.c.event_id, deliveries.c.webhook_id, deliveries.c.state
+                ).where(
+                    deliveries.c.event_id.in_(event_ids[start : start + 500]),
+                    deliveries.c.webhook_id.in_(ids),
+                )
+                for r in await connection.execute(query):
+                    self._states[(r.event_id, r.webhook_id)] = r.state
+        self._states_read_at = time.monotonic()
 
     async def tally(self, store: Store) -> Tally:
         await self._read_states(store)
