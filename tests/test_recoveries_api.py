@@ -77,11 +77,17 @@ async def test_park_next_moves_the_failed_ones_batch_by_batch_and_resumes(
     assert await _states(store, webhook, ids) == [
         "parked", "parked", "succeeded", "pending", "parked", "failed",
     ]  # fmt: skip
-    # The releaser sends each as its next attempt: it gets the attempts so far.
-    async with store.parked.claim(webhook, 2) as rows:
-        assert [(e, n) for e, _, n in rows] == [(ids[0], 3), (ids[1], 2)]
-    # Released: 0 and 1 are pending with attempts again, so they match "failed" again; the
-    # cursor, stored with the recovery, still moves on to 5 (a restart resumes there too).
+    # The sweeper sends each as its next attempt: it gets the attempts so far, and a delivery
+    # between retries is leased at once, whatever its next retry time.
+    rows = await store.parked.lease(webhook, 2, seconds=60)
+    assert [(e, n) for e, _, n in rows] == [(ids[0], 3), (ids[1], 2)]
+    # Sent again and failed again: 0 and 1 are pending with attempts again, so they match
+    # "failed" again; the cursor, stored with the recovery, still moves on to 5 (a restart
+    # resumes there too).
+    await store.pipeline.write_batch([
+        _attempt(service.org, webhook, ids[0], success=False, state="pending", number=4),
+        _attempt(service.org, webhook, ids[1], success=False, state="pending", number=3),
+    ])  # fmt: skip
     restarted = Store(store.engine)
     assert await restarted.recoveries.park_next(recovery.id, 2) == 1
     assert await _states(store, webhook, ids) == [

@@ -1,4 +1,4 @@
-"""The pipeline's batch write and the parked-delivery claim, on both databases.
+"""The pipeline's batch write and the parked-delivery lease, on both databases.
 
 One sequence of batches is written through each implementation of
 :class:`~worker.store.pipeline_writes.PipelineWrites` — Core on SQLite, Core on PostgreSQL,
@@ -26,7 +26,7 @@ from worker.store import Store, database, pipeline_writes
 from worker.store.crypto import SecretBox
 from worker.store.pipeline_pg import AsyncpgPipelineWrites
 from worker.store.pipeline_writes import CorePipelineWrites, PipelineWrites
-from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent
+from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent, utcnow
 from worker.store.tables import attempts, deliveries, events, webhooks
 
 pytestmark = pytest.mark.timeout(60)
@@ -314,67 +314,55 @@ async def _park(store: Store, org: str, count: int) -> tuple[str, list[str]]:
     return slow.id, event_ids
 
 
-async def test_a_claim_releases_parked_deliveries_only_when_its_block_succeeds(
+async def test_a_lease_keeps_parked_deliveries_parked_until_it_runs_out_or_is_handed_back(
     store: Store, org: str
 ) -> None:
-    slow, event_ids = await _park(store, org, 3)
-    assert (await store.parked.counts()).get(slow) == 3
+    slow, event_ids = await _park(store, org, 4)
+    assert (await store.parked.counts()).get(slow) == 4
 
-    claimed: list[str] = []
-
-    async def broker_down() -> None:
-        async with store.parked.claim(slow, 2) as rows:
-            claimed.extend(event_id for event_id, _, _ in rows)
-            raise ConnectionError("no broker")
-
-    with pytest.raises(ConnectionError):
-        await broker_down()
-    assert claimed == event_ids[:2]
-    # Rolled back: nothing lost.
-    assert (await store.parked.counts()).get(slow) == 3
+    rows = await store.parked.lease(slow, 2, seconds=60)
+    assert [event_id for event_id, _, _ in rows] == event_ids[:2]  # oldest first
+    assert rows[1][1]["data"] == {"n": 1}  # the whole event, to build the attempt from
+    assert rows[1][2] == 0  # no attempt yet: the next is attempt 1
+    # Still parked, and counted so (a worker dying now leaves them there), but not leased again.
     assert await store.events.delivery_state(event_ids[0], slow) == "parked"
+    assert (await store.parked.counts()).get(slow) == 4
+    assert [e for e, _, _ in await store.parked.lease(slow, 10, seconds=60)] == event_ids[2:]
+    assert await store.parked.lease(slow, 10, seconds=60) == []
 
-    async with store.parked.claim(slow, 2) as rows:
-        assert [event_id for event_id, _, _ in rows] == event_ids[:2]  # oldest first
-        assert rows[1][1]["data"] == {"n": 1}  # the whole event, to build the task from
-        assert rows[1][2] == 0  # no attempt yet: the released task is attempt 1
-        assert await store.events.delivery_state(event_ids[0], slow) == "parked"  # until then
-    assert await store.events.delivery_state(event_ids[0], slow) == "pending"
-    assert await store.events.delivery_state(event_ids[1], slow) == "pending"
-    assert await store.events.delivery_state(event_ids[2], slow) == "parked"
-    assert (await store.parked.counts()).get(slow) == 1
+    # Handed back: held ones are leased again once their time has come, skipped ones leave.
+    await store.parked.hold(slow, [event_ids[0]], utcnow())
+    await store.parked.hold(slow, [event_ids[1]], utcnow() + timedelta(hours=1))
+    await store.parked.unpark(slow, [event_ids[2]])
+    assert await store.events.delivery_state(event_ids[2], slow) == "pending"
+    assert (await store.parked.counts()).get(slow) == 3
+    assert [e for e, _, _ in await store.parked.lease(slow, 10, seconds=60)] == event_ids[:1]
 
-    async with store.parked.claim(slow, 2) as rows:
-        assert [event_id for event_id, _, _ in rows] == event_ids[2:]
-    async with store.parked.claim(slow, 2) as rows:
-        assert rows == []
-    assert slow not in await store.parked.counts()
+    # A lease that ran out (its worker died) is taken again.
+    gone, gone_ids = await _park(store, org, 2)
+    assert len(await store.parked.lease(gone, 2, seconds=0.2)) == 2
+    await asyncio.sleep(0.3)
+    assert [e for e, _, _ in await store.parked.lease(gone, 2, seconds=60)] == gone_ids
 
 
-async def test_concurrent_claims_never_get_the_same_row(postgres_url: str, org: str) -> None:
+async def test_concurrent_leases_never_get_the_same_row(postgres_url: str, org: str) -> None:
     async with _engine(postgres_url) as engine:
         store = Store(engine, SecretBox([TEST_SECRET_KEY]))
         slow, event_ids = await _park(store, org, 10)
 
-        # Deterministically: a claim open while another holds its rows skips them.
-        async with store.parked.claim(slow, 4) as first, store.parked.claim(slow, 4) as second:
-            assert [e for e, _, _ in first] == event_ids[:4]
-            assert [e for e, _, _ in second] == event_ids[4:8]
-        assert (await store.parked.counts()).get(slow) == 2
+        # Deterministically: a lease while another holds the rows it chose skips them.
+        async with engine.begin() as connection:
+            await connection.execute(
+                sa.select(deliveries.c.event_id)
+                .where(deliveries.c.event_id.in_(event_ids[:4]))
+                .with_for_update()
+            )
+            second = await store.parked.lease(slow, 4, seconds=60)
+        assert [e for e, _, _ in second] == event_ids[4:8]
 
         # And racing: however they interleave, no row is handed out twice.
         more, more_ids = await _park(store, org, 12)
-        claimed: list[str] = []
-        # Every claim holds its rows until all four have theirs: a claim that waited on
-        # another's locks instead of skipping them would never reach the barrier.
-        all_in = asyncio.Barrier(4)
-
-        async def claim() -> None:
-            async with store.parked.claim(more, 4) as rows:
-                async with asyncio.timeout(10):
-                    await all_in.wait()
-                claimed.extend(event_id for event_id, _, _ in rows)
-
-        await asyncio.gather(*(claim() for _ in range(4)))
-        assert len(claimed) == len(set(claimed))
-        assert set(claimed) <= set(more_ids)
+        leased = await asyncio.gather(*(store.parked.lease(more, 4, seconds=60) for _ in range(4)))
+        taken = [event_id for rows in leased for event_id, _, _ in rows]
+        assert len(taken) == len(set(taken))
+        assert set(taken) <= set(more_ids)

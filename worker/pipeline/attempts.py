@@ -135,8 +135,8 @@ class AttemptRunner:
         self._sender = sender
         self._scheduler = scheduler
         # Deliveries whose attempt is being sent or recorded here now: a second task for one
-        # (a sweep cut short by a crash released it twice) is settled unsent: the first one's
-        # outcome, its success or its retry, stands for both.
+        # (the broker redelivered it after a lost connection) is settled unsent: the first
+        # one's outcome, its success or its retry, stands for both.
         self._under_way: set[tuple[str, str]] = set()
         self._publisher = publisher
         self._writer = writer
@@ -151,7 +151,7 @@ class AttemptRunner:
             "webhooks", store.endpoints.get_many, None
         )
         # Rechecks of tasks that may have been attempted already, one query for those asked
-        # together: a recovery releases its deliveries a thousand at a time, all rechecked.
+        # together: a connection lost redelivers every task it held unacked at once.
         self._succeeded: BatchLoader[tuple[str, str], bool] = BatchLoader(
             "succeeded", store.events.succeeded, default=False
         )
@@ -164,16 +164,21 @@ class AttemptRunner:
         trace: Carrier | None = None,
         *,
         recheck: bool = False,
-    ) -> None:
-        """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it.
+        parked: bool = False,
+    ) -> bool:
+        """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it; return
+        whether it was sent (not skipped).
 
         ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted);
         ``trace`` the context of the fan-out that made the delivery (W3C headers), if known;
         ``recheck`` for a task that may have been attempted already (the broker redelivered
-        it, or a sweep released it): it is settled unsent if the store has it succeeded.
+        it): it is settled unsent if the store has it succeeded. ``parked`` for a delivery
+        the sweeper leased from the parked backlog: no message stands for it, so its retry or
+        dead letter is confirmed before its attempt is recorded, which takes it out of the
+        backlog.
         """
         with self._tracing.attempt(task.event, task.webhook_id, task.attempt, trace) as span:
-            await self._attempt(task, ticket, body, span, recheck=recheck)
+            return await self._attempt(task, ticket, body, span, recheck=recheck, parked=parked)
 
     async def _already_recorded(self, task: DeliveryTask) -> bool:
         """The delivery succeeded already. Only that: a failure may have been recorded while
@@ -183,8 +188,8 @@ class AttemptRunner:
 
     async def _attempt(
         self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced, *,
-        recheck: bool,
-    ) -> None:  # fmt: skip
+        recheck: bool, parked: bool,
+    ) -> bool:  # fmt: skip
         self._metrics.in_flight.inc()
         answered = False
         sent: Sent | None = None
@@ -203,12 +208,12 @@ class AttemptRunner:
                 )
                 self._metrics.attempts.labels(task.event["type"], "skipped", "none").inc()
                 span.finished("skipped", None)
-                return
+                return False
             if done:
                 log.info("delivery skipped: done or under way already", webhook_id=webhook.id)
                 self._metrics.already_recorded.inc()
                 span.finished("skipped", None)
-                return
+                return False
             answered = True
             self._under_way.add(key)
             sent = await self._sender.send_to(webhook, task.event, span.headers)
@@ -225,15 +230,17 @@ class AttemptRunner:
                 seconds=sent.duration_ms / 1000 if sent is not None else None,
             )
         try:
-            await self._settle(task, body, webhook, sent, span)
+            await self._settle(task, body, webhook, sent, span, parked=parked)
         finally:
             self._under_way.discard(key)
+        return True
 
     async def _settle(
-        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent, span: Traced
-    ) -> None:
+        self, task: DeliveryTask, body: bytes | None, webhook: Webhook, sent: Sent, span: Traced,
+        *, parked: bool,
+    ) -> None:  # fmt: skip
         """Record the attempt and, on a retryable failure, schedule the next one — both
-        durable before the caller acks."""
+        durable before the caller acks (for a ``parked`` delivery, the record last)."""
         now = utcnow()
         decision = decide(
             sent.response, task.attempt, self._retry_schedule, now,
@@ -242,9 +249,8 @@ class AttemptRunner:
         span.finished(decision.verdict.value, sent.response.status)
         attempt = build_attempt(webhook, task.event, task.attempt, sent, decision)
         next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
-        durable: list[Awaitable[None]] = [
-            self._writer.write(AttemptRecord(attempt, delivery_state(decision), next_at))
-        ]
+        record = AttemptRecord(attempt, delivery_state(decision), next_at)
+        durable: list[Awaitable[None]] = []
         if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
             tier = topology.retry_queue_name(decision.next_delay)
             retry = task.model_copy(update={"attempt": task.attempt + 1})
@@ -260,5 +266,9 @@ class AttemptRunner:
                     decision.error_message or "",
                 )
             )
-        await asyncio.gather(*durable)
+        if parked:
+            await asyncio.gather(*durable)
+            await self._writer.write(record)
+        else:
+            await asyncio.gather(self._writer.write(record), *durable)
         await self._effects.after(webhook, task.event, attempt, decision, now)

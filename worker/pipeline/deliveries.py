@@ -56,8 +56,8 @@ class DeliveriesConsumer:
         hinted = headers.get(topology.WEBHOOK_HEADER)
         deferrals = headers.get(topology.DEFERRALS_HEADER)
         if isinstance(hinted, str) and deferrals is None:
-            # A task queued by fan-out or the parked sweeper has come round (a deferred one
-            # was counted when it first came round).
+            # A task queued by fan-out has come round (a deferred one was counted when it
+            # first came round).
             self._scheduler.came_round(hinted)
         task: DeliveryTask | None = None
         if not isinstance(hinted, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 
 from worker.pipeline.offers import Offer
 from worker.pipeline.pacing import Bucket
@@ -10,6 +11,8 @@ from worker.pipeline.pacing import Bucket
 # An endpoint answering slower than this on average is slow: fan-out does not send to it
 # itself (the event would wait for it) and a full endpoint's new deliveries are parked.
 FAST_SECONDS = 0.25
+# How many of the shortest deferral tiers a fast endpoint's tasks go through (1 s, 5 s, 30 s).
+FAST_ENDPOINT_TIERS = 3
 
 # Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
 # waiting, and a deque of their own would cost 0.6 KB each. Replaced on first use.
@@ -67,3 +70,24 @@ class EndpointState:
         if self.waited(now) >= FAST_SECONDS:
             return True
         return self.average is not None and self.average >= FAST_SECONDS
+
+    def deferral(self, tiers: Sequence[float], cap: int, deferrals: int, now: float) -> float:
+        """The deferral tier for a task of this endpoint, busy at its ``cap``.
+
+        A fast endpoint frees a slot soon: its tasks wait 1 s, then 5 s, then 30 s. A slow one
+        finishes about one attempt per (response time / cap) seconds, so its deferred tasks get
+        successive turns that far apart, each waiting in the shortest tier reaching its turn.
+        """
+        at_least = tiers[min(deferrals, FAST_ENDPOINT_TIERS - 1, len(tiers) - 1)]
+        estimate = self.estimate(now)
+        if self.bucket is not None:
+            # At its rate limit: one turn per 1/rate seconds, whatever its answers' speed.
+            spacing = max(1 / self.bucket.rate, (estimate or 0.0) / cap)
+        elif estimate is None or estimate < FAST_SECONDS:
+            return at_least
+        else:
+            spacing = estimate / cap
+        turn = max(now, self.next_turn) + spacing
+        self.next_turn = turn
+        wait = max(turn - now, at_least)
+        return next((tier for tier in tiers if tier >= wait), tiers[-1])

@@ -19,6 +19,7 @@ class Route(enum.Enum):
 class Source(enum.Enum):
     NEW = "new"  # fan-out's first attempt of a delivery
     TASK = "task"  # a message from webhooks.deliveries
+    BACKLOG = "backlog"  # a parked delivery the sweeper leased
 
 
 @dataclass(frozen=True, slots=True)

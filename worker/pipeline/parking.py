@@ -3,51 +3,113 @@
 When the scheduler finds an endpoint slow and every one of its slots taken or spoken for, a
 task offered now could only be deferred, and deferred again: each round costs a publish, a
 consume and an ack, CPU that the other endpoints' deliveries need. Fan-out instead writes the
-delivery as ``parked``, in the same transaction as the event, and publishes nothing. The
-sweeper here releases parked deliveries to ``webhooks.deliveries`` about as fast as the
-endpoint can take them (the scheduler's :meth:`~worker.pipeline.scheduler.Scheduler.room`),
-oldest first.
+delivery as ``parked``, in the same transaction as the event, and publishes nothing; a recovery
+parks the deliveries it sends again. The sweeper here makes their attempts itself, about as
+fast as the endpoint can take them (the scheduler's
+:meth:`~worker.pipeline.scheduler.Scheduler.room`), oldest first: it leases a batch from the
+database and feeds it to the scheduler through at most the endpoint's cap of feeders, each
+offering one delivery at a time, so the backlog never crowds the endpoint's waiting line.
 
-Nothing is lost: the event is acked only once its parked rows are committed, and a row leaves
-``parked`` only in the transaction that claimed it, after its task is confirmed by the broker.
-Each worker sweeps the endpoints it parked, and now and then adopts parked rows of any
-endpoint, so the backlog of a worker that died is picked up by another.
+No message stands for a parked delivery, so the lease does what an unacked message does for a
+task. Nothing is lost: the event is acked only once its parked rows are committed; a leased row
+stays parked until its attempt is recorded, and a retry or dead letter is confirmed before that
+record. A worker that dies with deliveries leased leaves them parked, and once the lease has run
+out any sweep leases them again; only the attempts it had sent and not recorded are sent twice.
+Each worker sweeps the endpoints it parked, and now and then adopts parked rows of any endpoint,
+so the backlog of a worker that died is picked up by another.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import collections
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import structlog
 
 from worker.ops.metrics import Metrics
-from worker.pipeline.publisher import TaskQueue
+from worker.pipeline.attempts import AttemptRunner
+from worker.pipeline.offers import Route, Source
 from worker.pipeline.scheduler import Scheduler
-from worker.pipeline.tasks import encode_task
+from worker.pipeline.tasks import DeliveryTask
 from worker.store import Store
+from worker.store.records import utcnow
 
 log = structlog.get_logger("sellfern_webhooks.parking")
 
 SWEEP_SECONDS = 0.5
 # How often a worker looks for parked deliveries it did not park itself (and counts them all).
 ADOPT_SECONDS = 30.0
+# A lease is the longest an attempt may take (DELIVERY_TIMEOUT) and this: a leased delivery
+# starts only while at least the timeout and START_MARGIN_SECONDS of its lease are left, so it
+# waits here for its turn at most the difference. A lease that ran out while its attempt was
+# still under way would let another sweep send it too; one much longer keeps the deliveries a
+# dead worker had leased waiting that much longer.
+LEASE_MARGIN_SECONDS = 15.0
+START_MARGIN_SECONDS = 5.0
+
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    event_id: str
+    event: dict[str, Any]
+    attempts: int  # made so far; the next is number attempts + 1
+    start_by: float  # loop time after which it is left for its lease to run out
+
+
+@dataclass(slots=True)
+class Backlog:
+    """One endpoint's leased deliveries here: in line, and being attempted by its feeders."""
+
+    line: collections.deque[Leased]
+    feeders: int = 0
+    attempting: int = 0
+    # Handed back, to be written in the next sweep: held until a time, or skipped.
+    held: list[str] | None = None
+    held_for: float = 0.0
+    skipped: list[str] | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.line) + self.attempting
 
 
 class ParkingSweeper:
     def __init__(
-        self, store: Store, scheduler: Scheduler, tasks: TaskQueue, metrics: Metrics
+        self,
+        store: Store,
+        scheduler: Scheduler,
+        runner: AttemptRunner,
+        metrics: Metrics,
+        *,
+        cap: int,
+        delivery_timeout: float,
+        spawn: Spawn,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._scheduler = scheduler
-        self._tasks = tasks
+        self._runner = runner
         self._metrics = metrics
+        self._cap = cap
+        self._delivery_timeout = delivery_timeout
+        self._lease_seconds = delivery_timeout + LEASE_MARGIN_SECONDS
+        self._spawn = spawn  # the worker's, so that stopping drains the feeders
+        self._clock = clock
+        self._backlogs: dict[str, Backlog] = {}
+        self._stopping = False
 
     async def run(self) -> None:
         """Sweep until cancelled."""
         adopted_at = -ADOPT_SECONDS
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             try:
                 if loop.time() - adopted_at >= ADOPT_SECONDS:
                     counts = await self._store.parked.counts()
@@ -56,36 +118,111 @@ class ParkingSweeper:
                     adopted_at = loop.time()
                 await self.sweep()
             except Exception as exc:
-                log.warning("releasing parked deliveries failed; trying again", error=str(exc))
+                log.warning("sending parked deliveries failed; trying again", error=str(exc))
             await asyncio.sleep(SWEEP_SECONDS)
 
     async def sweep(self) -> int:
-        """Release what each parked endpoint can take until the next sweep; return how many."""
-        released = 0
+        """Lease what each parked endpoint can take until the next sweep and set its feeders
+        on it; return how many were leased."""
+        await self.hand_back()
+        leased = 0
         for webhook_id in self._scheduler.parked():
+            backlog = self._backlogs.get(webhook_id)
             room = self._scheduler.room(webhook_id, SWEEP_SECONDS)
-            if room <= 0:
+            if backlog is not None:
+                room -= backlog.outstanding
+            if room <= 0 or self._stopping:
                 continue
             mark = self._scheduler.park_mark(webhook_id)
-            async with self._store.parked.claim(webhook_id, room) as rows:
-                # Each release is counted by the scheduler as a slot spoken for until it comes
-                # round, so the next sweep does not release more than the endpoint can start.
-                await asyncio.gather(
-                    *(
-                        self._tasks.queue(
-                            webhook_id,
-                            encode_task(
-                                event_id, webhook_id, attempts + 1, json.dumps(event).encode()
-                            ),
-                            released=True,
-                        )
-                        for event_id, event, attempts in rows
-                    )
-                )
+            rows = await self._store.parked.lease(webhook_id, room, self._lease_seconds)
             if len(rows) < room:
-                # Drained, unless a delivery was parked while this sweep ran: the mark says.
-                self._scheduler.drained(webhook_id, mark)
-            released += len(rows)
-        if released:
-            self._metrics.parked_released.inc(released)
-        return released
+                await self._drained(webhook_id, mark, len(rows))
+            if not rows:
+                continue
+            start_by = (
+                self._clock() + self._lease_seconds - self._delivery_timeout - START_MARGIN_SECONDS
+            )
+            backlog = self._backlogs.setdefault(webhook_id, Backlog(collections.deque()))
+            backlog.line.extend(Leased(e, event, tries, start_by) for e, event, tries in rows)
+            while backlog.feeders < min(self._cap, len(backlog.line)):
+                backlog.feeders += 1
+                self._spawn(self._feed(webhook_id, backlog))
+            leased += len(rows)
+        if leased:
+            self._metrics.parked_released.inc(leased)
+        return leased
+
+    async def _drained(self, webhook_id: str, mark: int, leased: int) -> None:
+        """A lease came back short: the backlog is drained unless rows are left that others
+        hold (a live worker's lease, a dead one's running out, a deferral's wait) — then the
+        endpoint is swept on, and its new deliveries still join the back — or unless a
+        delivery was parked while this sweep ran (the mark says)."""
+        backlog = self._backlogs.get(webhook_id)
+        ours = leased + (backlog.outstanding if backlog is not None else 0)
+        if await self._store.parked.count(webhook_id) <= ours:
+            self._scheduler.drained(webhook_id, mark)
+
+    def stop(self) -> None:
+        """Lease nothing more, and let the feeders end after their attempt under way; what
+        is left in line goes back to the backlog at the next :meth:`hand_back`, which the
+        worker calls once it has drained them."""
+        self._stopping = True
+        for backlog in self._backlogs.values():
+            backlog.held = (backlog.held or []) + [leased.event_id for leased in backlog.line]
+            backlog.line.clear()
+
+    async def hand_back(self) -> None:
+        """Write what was handed back since the last sweep: deliveries held for a deferral's
+        time (or, once stopped, for none), and skipped ones."""
+        for webhook_id, backlog in list(self._backlogs.items()):
+            held, skipped = backlog.held, backlog.skipped
+            until = utcnow() + timedelta(seconds=backlog.held_for)
+            backlog.held = backlog.skipped = None
+            backlog.held_for = 0.0
+            try:
+                if held:
+                    await self._store.parked.hold(webhook_id, held, until)
+                if skipped:
+                    await self._store.parked.unpark(webhook_id, skipped)
+            except Exception:
+                # Left leased: once the lease runs out, a sweep takes them again.
+                log.warning("handing parked deliveries back failed", webhook_id=webhook_id)
+            if not backlog.feeders and not backlog.line and not backlog.held:
+                del self._backlogs[webhook_id]
+
+    async def _feed(self, webhook_id: str, backlog: Backlog) -> None:
+        """Offer the endpoint's leased deliveries to the scheduler one at a time, attempting
+        each it starts, until its line is empty."""
+        try:
+            while backlog.line and not self._stopping:
+                leased = backlog.line.popleft()
+                if self._clock() > leased.start_by:
+                    continue  # its lease runs out soon: a later sweep leases it again
+                backlog.attempting += 1
+                try:
+                    await self._attempt(webhook_id, backlog, leased)
+                except Exception as exc:
+                    log.warning(
+                        "a parked delivery's attempt failed; it stays parked",
+                        webhook_id=webhook_id, event_id=leased.event_id, error=str(exc),
+                    )  # fmt: skip
+                finally:
+                    backlog.attempting -= 1
+        finally:
+            backlog.feeders -= 1
+
+    async def _attempt(self, webhook_id: str, backlog: Backlog, leased: Leased) -> None:
+        decision = await self._scheduler.admit(webhook_id, Source.BACKLOG)
+        if decision.route is not Route.START:
+            # The endpoint turned slow: back to the backlog, for the deferral's time.
+            backlog.held = (backlog.held or []) + [leased.event_id]
+            backlog.held_for = max(backlog.held_for, decision.delay)
+            return
+        task = DeliveryTask.model_construct(
+            event_id=leased.event_id,
+            webhook_id=webhook_id,
+            attempt=leased.attempts + 1,
+            event=leased.event,
+        )
+        if not await self._runner.run(task, decision.ticket, None, parked=True):
+            backlog.skipped = (backlog.skipped or []) + [leased.event_id]

@@ -52,12 +52,8 @@ class TaskQueue:
         webhook_id: str,
         body: bytes,
         trace: Mapping[str, str] | None = None,
-        *,
-        released: bool = False,
     ) -> None:
-        """Publish a task for the endpoint (``released``: from its parked backlog)."""
+        """Publish a task for the endpoint."""
         headers = task_headers(webhook_id, trace)
-        if released:
-            headers[topology.RELEASED_HEADER] = True
         await self._publisher.to_queue(topology.DELIVERIES_QUEUE, body, headers)
         self._scheduler.queued(webhook_id)

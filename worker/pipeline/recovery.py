@@ -3,11 +3,10 @@
 A recovery is a row in the database with its window and a cursor. The runner here moves its
 deliveries into the endpoint's parked backlog a batch at a time — the cursor advances in the
 same transaction, so after a restart or a ``kill -9`` it resumes exactly where it was — and the
-parking sweeper releases them as tasks at the pace the scheduler gives the endpoint
-(:meth:`~worker.pipeline.scheduler.Scheduler.room`): never faster than its cap, and through the
-same deliveries queue as every other endpoint's work, so other endpoints' fresh deliveries are
-not held behind it. A recovered delivery is a new attempt of the same (event, endpoint), with
-the same ``webhook-id``.
+parking sweeper sends them at the pace the scheduler gives the endpoint
+(:meth:`~worker.pipeline.scheduler.Scheduler.room`), never more attempts at once than its
+cap, so that other endpoints' fresh deliveries are not held behind it. A recovered
+delivery is a new attempt of the same (event, endpoint), with the same ``webhook-id``.
 
 The backlog is topped up only while it is short, so a 100,000-delivery recovery does not turn
 into 100,000 parked rows at once, and a recovery's ``queued`` count tells how far it has got.
@@ -26,11 +25,14 @@ from worker.store import Store
 log = structlog.get_logger("sellfern_webhooks.recovery")
 
 IDLE_POLL_SECONDS = 1.0
-# While a recovery runs: often enough that a fast endpoint, which the sweeper feeds up to
+# While a recovery runs: often enough that a fast endpoint, which the sweeper sends up to
 # 2,000 deliveries a second, does not run dry between two top-ups.
 RUNNING_POLL_SECONDS = 0.25
-# Parked deliveries a recovery keeps ahead of its endpoint; more are moved in as they go.
+# Deliveries a recovery parks at a time; it tops the backlog up while it holds fewer than AHEAD,
+# so that the sweeper, which leases up to a batch while the one before is still being sent,
+# finds the next one ready.
 BATCH = 1_000
+AHEAD = 2 * BATCH
 
 
 class RecoveryRunner:
@@ -57,7 +59,7 @@ class RecoveryRunner:
         self._metrics.recoveries_running.set(len(running))
         moved = 0
         for recovery in running:
-            if await self._store.parked.count(recovery.webhook_id) >= BATCH:
+            if await self._store.parked.count(recovery.webhook_id) >= AHEAD:
                 continue  # enough in line already; the sweeper is working through it
             count = await self._store.recoveries.park_next(recovery.id, BATCH)
             if count:

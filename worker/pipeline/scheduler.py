@@ -1,8 +1,8 @@
 """The per-endpoint scheduler: the one place that decides when an attempt to an endpoint starts.
 
 Every attempt of a worker is offered here first, whatever its source — fan-out's first
-attempt, a task from ``webhooks.deliveries`` (queued, retried, deferred or released from the
-parked backlog) — and gets one of five answers:
+attempt, a task from ``webhooks.deliveries`` (queued, retried or deferred), a delivery of the
+parked backlog that the sweeper leased — and gets one of five answers:
 
 ``START``  a slot is taken now; the caller makes the attempt and then calls :meth:`finished`;
 ``WAIT``   the endpoint is at its cap but answers fast: the offer waits here, in memory, and
@@ -10,14 +10,15 @@ parked backlog) — and gets one of five answers:
            bounded by what the worker's prefetch already holds);
 ``QUEUE``  fan-out publishes a task to ``webhooks.deliveries`` instead of sending itself
            (a slow endpoint must not hold the event, nor the worker's global cap be passed);
-``DEFER``  a task of a slow endpoint at its cap goes back to the broker for ``delay`` seconds;
-``PARK``   fan-out writes the delivery as parked; the sweeper releases it at the endpoint's pace.
+``DEFER``  a task of a slow endpoint at its cap goes back to the broker for ``delay`` seconds
+           (a leased delivery, to the parked backlog);
+``PARK``   fan-out writes the delivery as parked; the sweeper attempts it at the endpoint's pace.
 
 An offer that waits is decided later: it starts when a slot frees, or, once the endpoint turns
 slow, fan-out's offers are queued and tasks deferred, so a hanging endpoint holds nothing.
 
 An endpoint with a ``rate_limit`` also needs a token of its bucket (:mod:`.pacing`) to start:
-fan-out's deliveries beyond the rate are parked, the sweeper releases them at the rate, and a
+fan-out's deliveries beyond the rate are parked, the sweeper sends them at the rate, and a
 task that finds no token waits here for its turn (or, past that, is deferred to it).
 
 It holds everything known per endpoint: the attempts in flight and when each started, a moving
@@ -41,7 +42,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from worker.pipeline.endpoint_state import (
-    FAST_SECONDS,
     NO_WAITERS,
     NOTHING_IN_FLIGHT,
     EndpointState,
@@ -59,9 +59,7 @@ WEIGHT = 0.2
 # A count of tasks queued for an endpoint that has not moved for this long is forgotten: they
 # went to another worker.
 QUEUED_MEMORY_SECONDS = 10.0
-# How many of the shortest deferral tiers a fast endpoint's tasks go through (1 s, 5 s, 30 s).
-FAST_ENDPOINT_TIERS = 3
-# The most parked deliveries released for one endpoint at a time.
+# The most parked deliveries leased for one endpoint at a time.
 MAX_RELEASE = 1_000
 IDLE_FORGET_SECONDS = 300.0
 MAX_ENDPOINTS = 100_000
@@ -116,7 +114,7 @@ class Scheduler:
         slow = endpoint.slow(now)
         if source is Source.NEW:
             return self._offer_new(webhook_id, endpoint, slow)
-        return self._offer_task(webhook_id, endpoint, slow, deferrals, now)
+        return self._offer_task(webhook_id, endpoint, source, slow, deferrals, now)
 
     async def admit(self, webhook_id: str, source: Source, deferrals: int = 0) -> Decision:
         """:meth:`offer`, waiting for the decision; a cancelled wait gives its place back."""
@@ -160,15 +158,21 @@ class Scheduler:
         return offer
 
     def _offer_task(
-        self, webhook_id: str, endpoint: EndpointState, slow: bool, deferrals: int, now: float
+        self,
+        webhook_id: str,
+        endpoint: EndpointState,
+        source: Source,
+        slow: bool,
+        deferrals: int,
+        now: float,
     ) -> Offer:
         if not slow and endpoint.bucket is None:
-            offer = Offer(webhook_id, Source.TASK, None)
+            offer = Offer(webhook_id, source, None)
         elif len(endpoint.waiting) < self._cap:
             hold = HOLD_SECONDS if slow else RATE_HOLD_SECONDS
-            offer = Offer(webhook_id, Source.TASK, now + hold)
+            offer = Offer(webhook_id, source, now + hold)
         else:
-            offer = Offer(webhook_id, Source.TASK, None)
+            offer = Offer(webhook_id, source, None)
             offer.settle(self._defer(endpoint, deferrals, now))
             return offer
         if not endpoint.waiting and self._can_start(endpoint, now):
@@ -292,7 +296,8 @@ class Scheduler:
 
     def room(self, webhook_id: str, seconds: float) -> int:
         """About how many parked deliveries the endpoint can start within ``seconds``: its cap
-        over its response time, less what is in flight or queued for it already."""
+        over its response time (none while it is slow and its slots are taken or spoken for),
+        within its rate limit."""
         now = self._clock()
         endpoint = self._endpoint(webhook_id, now)
         self._pace(webhook_id, endpoint, now)
@@ -305,11 +310,9 @@ class Scheduler:
         else:
             room = min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
         if endpoint.bucket is not None:
-            # What its rate allows in that time, less what waits here for a token. Not less
-            # what is queued: a released task comes round within milliseconds, long before the
-            # next sweep, but to any worker, and often before its publish is confirmed; the
-            # count of this worker's releases not come round here only grows, and would hold
-            # the release below the rate (or stop it, for a small share).
+            # What its rate allows in that time, less what waits here for a token (the
+            # sweeper takes off what it holds leased itself). Not less what is queued: that
+            # count is of tasks this worker published, which may come round to any worker.
             allowed = endpoint.bucket.allowance(now, seconds)
             room = min(room, allowed - len(endpoint.waiting))
         return max(0, room)
@@ -432,23 +435,5 @@ class Scheduler:
         return endpoint.queued
 
     def _defer(self, endpoint: EndpointState, deferrals: int, now: float) -> Decision:
-        """The deferral tier for a task of a busy endpoint.
-
-        A fast endpoint frees a slot soon: its tasks wait 1 s, then 5 s, then 30 s. A slow one
-        finishes about one attempt per (response time / cap) seconds, so its deferred tasks get
-        successive turns that far apart, each waiting in the shortest tier reaching its turn.
-        """
-        at_least = self._tiers[min(deferrals, FAST_ENDPOINT_TIERS - 1, len(self._tiers) - 1)]
-        estimate = endpoint.estimate(now)
-        if endpoint.bucket is not None:
-            # At its rate limit: one turn per 1/rate seconds, whatever its answers' speed.
-            spacing = max(1 / endpoint.bucket.rate, (estimate or 0.0) / self._cap)
-        elif estimate is None or estimate < FAST_SECONDS:
-            return Decision(Route.DEFER, delay=at_least)
-        else:
-            spacing = estimate / self._cap
-        turn = max(now, endpoint.next_turn) + spacing
-        endpoint.next_turn = turn
-        wait = max(turn - now, at_least)
-        delay = next((tier for tier in self._tiers if tier >= wait), self._tiers[-1])
+        delay = endpoint.deferral(self._tiers, self._cap, deferrals, now)
         return Decision(Route.DEFER, delay=delay)

@@ -39,8 +39,10 @@ DEFER_TIERS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
 # Header naming the task's endpoint, so the cap is checked before the body is even parsed.
 WEBHOOK_HEADER = "x-webhook-id"
 DEFERRALS_HEADER = "x-deferrals"
-# On a task released from the parked backlog: a sweep cut short by a crash may release the same
-# delivery again, so its attempt is checked against the store first.
+# On a task released from the parked backlog by a worker of an earlier version, which published
+# the backlog as tasks (a sweep cut short by a crash could release the same delivery again): its
+# attempt is checked against the store first. Still honoured, for the tasks such a worker left
+# queued in a rolling upgrade; nothing publishes it now.
 RELEASED_HEADER = "x-released"
 
 

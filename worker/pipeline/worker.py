@@ -3,10 +3,11 @@
 It is built complete by :meth:`PipelineWorker.start` and stopped by :meth:`PipelineWorker.stop`
 in an order that loses nothing:
 
-1. stop consuming, so no new message is taken;
-2. drain the handlers under way, up to a bound kept below Kubernetes'
-   ``terminationGracePeriodSeconds`` (a handler cancelled then rejects its message back to
-   its queue, to be redone);
+1. stop consuming, so no new message is taken, and stop leasing parked deliveries;
+2. drain the handlers under way (the parked backlog's feeders among them), up to a bound kept
+   below Kubernetes' ``terminationGracePeriodSeconds`` (a handler cancelled then rejects its
+   message back to its queue, to be redone), and hand back the parked deliveries leased but
+   not started;
 3. stop the background loops (parked sweeper, recoveries, pruning, queue poll, scheduler
    review);
 4. flush the batch writer, so every attempt handled is committed;
@@ -116,6 +117,7 @@ class PipelineWorker:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopped = False
         self._changes_queue = ""  # the server's name of this worker's change-notice queue
+        self._sweeper: ParkingSweeper | None = None
 
     @property
     def handling(self) -> int:
@@ -142,7 +144,11 @@ class PipelineWorker:
             scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics,
             self._tracing,
         )  # fmt: skip
-        sweeper = ParkingSweeper(store, scheduler, tasks, metrics)
+        sweeper = ParkingSweeper(
+            store, scheduler, runner, metrics, cap=settings.endpoint_concurrency,
+            delivery_timeout=settings.delivery_timeout, spawn=self._handle,
+        )  # fmt: skip
+        self._sweeper = sweeper
         lanes = OrderedLanes(
             store, scheduler, self.policies, self._sender, self._writer, self._publisher,
             self._effects, (settings.retry_schedule, settings.retry_jitter), self._tracing,
@@ -202,7 +208,12 @@ class PipelineWorker:
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+        if self._sweeper is not None:
+            self._sweeper.stop()
         left = await self._drain(drain_bound)
+        if self._sweeper is not None:
+            with contextlib.suppress(Exception):
+                await self._sweeper.hand_back()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -249,6 +260,12 @@ class PipelineWorker:
                     self._handlers.discard(task)
 
         return tracked
+
+    def _handle(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a handler, like a consumer's: stop() waits for it."""
+        task = asyncio.create_task(coro)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._background.append(asyncio.create_task(coro, name=name))

@@ -2,13 +2,13 @@
 instead of in the broker until the endpoint has room (see :mod:`worker.pipeline.parking`).
 
 Fan-out parks deliveries through the pipeline's batch write; this repository counts them and
-hands them back out.
+leases them out to the sweeper, which makes their attempts.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,45 +43,71 @@ class ParkedDeliveries:
         async with self._engine.connect() as connection:
             return int((await connection.execute(query)).scalar_one())
 
-    @asynccontextmanager
-    async def claim(
-        self, webhook_id: str, limit: int
-    ) -> AsyncIterator[list[tuple[str, dict[str, Any], int]]]:
-        """Claim the oldest ``limit`` parked deliveries of an endpoint, as (event id, event,
-        attempts so far): a delivery parked again by a recovery has attempts already, and its
-        next one is number ``attempts + 1``.
+    async def lease(
+        self, webhook_id: str, limit: int, seconds: float
+    ) -> list[tuple[str, dict[str, Any], int]]:
+        """Lease the oldest ``limit`` parked deliveries of an endpoint for ``seconds``; return
+        them as (event id, event, attempts so far): a delivery parked again by a recovery has
+        attempts already, and its next one is number ``attempts + 1``.
 
-        Used as ``async with parked.claim(webhook_id, n) as rows:``. The rows stay locked, and
-        parked, for the whole block: if it ends cleanly they are marked ``pending`` in the
-        same transaction; if it raises, the transaction rolls back and they stay parked, to
-        be claimed again later. A caller that publishes the rows inside the block therefore
-        never loses one (a crash after publishing gives a duplicate at worst). Two claims
-        never get the same row: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serves one
-        worker, whose sweeps run one at a time.
+        A leased delivery stays ``parked``, its lease's end in ``next_attempt_at``, until its
+        attempt is recorded (which moves it on) or it is handed back (:meth:`hold`,
+        :meth:`unpark`). A worker that dies with deliveries leased loses none: once the lease
+        has run out, any sweep leases them again. Two leases never take the same row: the
+        update takes only rows whose lease is over, and ``FOR UPDATE SKIP LOCKED`` keeps two
+        PostgreSQL sweeps off each other's rows while they choose.
         """
+        now = utcnow()
+        free = sa.or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now)
         query = (
             sa.select(deliveries.c.event_id, events.c.payload, deliveries.c.attempts)
             .join(events, events.c.id == deliveries.c.event_id)
-            .where(deliveries.c.state == "parked", deliveries.c.webhook_id == webhook_id)
+            .where(deliveries.c.state == "parked", deliveries.c.webhook_id == webhook_id, free)
             .order_by(deliveries.c.created_at, deliveries.c.event_id)
             .limit(limit)
             .with_for_update(of=deliveries, skip_locked=True)
         )
         async with self._engine.begin() as connection:
-            rows = [
-                (event_id, dict(payload), int(tries))
+            chosen = {
+                event_id: (dict(payload), int(tries))
                 for event_id, payload, tries in await connection.execute(query)
-            ]
-            # Taken before the block runs: what it does with the list changes nothing here.
-            claimed = [event_id for event_id, _, _ in rows]
-            yield rows
-            if claimed:
-                await connection.execute(
-                    deliveries.update()
-                    .where(
-                        deliveries.c.webhook_id == webhook_id,
-                        deliveries.c.event_id.in_(claimed),
-                        deliveries.c.state == "parked",
-                    )
-                    .values(state="pending", updated_at=utcnow())
+            }
+            if not chosen:
+                return []
+            taken = await connection.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.webhook_id == webhook_id,
+                    deliveries.c.event_id.in_(list(chosen)),
+                    deliveries.c.state == "parked",
+                    free,
                 )
+                .values(next_attempt_at=now + timedelta(seconds=seconds))
+                .returning(deliveries.c.event_id)
+            )
+            leased = {event_id for (event_id,) in taken}
+        return [(event_id, *chosen[event_id]) for event_id in chosen if event_id in leased]
+
+    async def hold(self, webhook_id: str, event_ids: Sequence[str], until: datetime) -> None:
+        """Hand leased deliveries back to the backlog, not to be leased before ``until``
+        (now, for at once)."""
+        await self._update(webhook_id, event_ids, next_attempt_at=until)
+
+    async def unpark(self, webhook_id: str, event_ids: Sequence[str]) -> None:
+        """Move leased deliveries out of the backlog, to ``pending``: their endpoint was
+        paused or deleted, and their attempts skipped."""
+        await self._update(webhook_id, event_ids, state="pending", next_attempt_at=None)
+
+    async def _update(self, webhook_id: str, event_ids: Sequence[str], **values: Any) -> None:  # noqa: ANN401
+        if not event_ids:
+            return
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.webhook_id == webhook_id,
+                    deliveries.c.event_id.in_(list(event_ids)),
+                    deliveries.c.state == "parked",
+                )
+                .values(updated_at=utcnow(), **values)
+            )

@@ -2,7 +2,7 @@
 
 A recovery does not send anything itself. It is a row that remembers a window and a cursor;
 workers call :meth:`RecoveryRepository.park_next` on each running one, which moves the next
-batch of matching deliveries to ``parked``, where the parking sweeper releases them at the
+batch of matching deliveries to ``parked``, where the parking sweeper sends them at the
 endpoint's pace (see :mod:`worker.pipeline.parking`).
 
 Which deliveries a recovery takes:
@@ -234,7 +234,7 @@ class RecoveryRepository:
                         deliveries.c.webhook_id == row.webhook_id,
                         deliveries.c.event_id.in_([t.event_id for t in taken]),
                     )
-                    .values(state="parked", updated_at=now)
+                    .values(state="parked", next_attempt_at=None, updated_at=now)
                 )
                 changes["cursor_created_at"] = taken[-1].created_at
                 changes["cursor_event_id"] = taken[-1].event_id
