@@ -1,8 +1,8 @@
 """Fewer duplicates: work that may have been done already is checked against the store first.
 
-A task released from the parked backlog again (a sweep cut short by a crash releases what it
-had already published) or redelivered by the broker (recorded but not acked before a crash) is
-settled unsent when the store has its delivery succeeded, and sent when it has not.
+Every task is: one the broker redelivered (recorded but not acked before a crash), or a second
+task of one delivery (its event fanned out again after a crash, while the first task was still
+queued), is settled unsent when the store has its delivery succeeded, and sent when it has not.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 
 import aio_pika
 import pytest
+from aiohttp import web
 
 from schemas.publish import publish_event
 from tests.conftest import Receiver, ServiceFactory, eventually
@@ -24,12 +25,8 @@ async def _queue_task(
     broker: aio_pika.abc.AbstractRobustConnection,
     event: dict[str, object],
     webhook_id: str,
-    *,
-    released: bool,
 ) -> None:
     headers = task_headers(webhook_id)
-    if released:
-        headers[topology.RELEASED_HEADER] = True
     body = encode_task(str(event["id"]), webhook_id, 2, json.dumps(event).encode())
     channel = await broker.channel(publisher_confirms=True)
     try:
@@ -41,39 +38,50 @@ async def _queue_task(
         await channel.close()
 
 
-async def test_a_released_task_of_a_delivery_that_succeeded_is_not_sent_again(
+async def test_a_task_is_sent_only_while_its_delivery_has_not_succeeded(
     service_factory: ServiceFactory,
     receiver: Receiver,
     broker: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
-    service = await service_factory()
-    status, webhook = await service.call(
-        "POST", "/webhooks", {"url": receiver.url("/once"), "events": ["order.created"]}
-    )
-    assert status == 201
+    # A retry far off, so that only the tasks this test queues come round meanwhile.
+    service = await service_factory(retry_schedule="30")
+    webhooks = {}
+    for path in ("/once", "/flaky"):
+        status, webhooks[path] = await service.call(
+            "POST", "/webhooks", {"url": receiver.url(path), "events": ["order.created"]}
+        )
+        assert status == 201
+
+    async def first_fails(_request: web.Request, seen: int) -> web.StreamResponse:
+        return web.Response(status=503 if seen == 0 else 200)
+
+    receiver.behaviours["/flaky"] = first_fails
     envelope = await publish_event(broker, "order.created", service.org, {"n": 1})
-    await receiver.wait_for(lambda r: len([x for x in r if x.path == "/once"]) == 1)
 
-    async def recorded() -> bool:  # the first attempt is sent while its event is written
-        state = await service.store.events.delivery_state(envelope.id, webhook["id"])
-        return state == "succeeded"
+    async def recorded() -> bool:  # the first attempts are sent while their event is written
+        states = [
+            await service.store.events.delivery_state(envelope.id, webhooks[path]["id"])
+            for path in ("/once", "/flaky")
+        ]
+        return states == ["succeeded", "pending"]
 
-    await eventually(recorded, timeout=10, what="the delivery recorded succeeded")
+    await eventually(recorded, timeout=10, what="one delivery succeeded, one failed once")
     event = await service.store.events.get(envelope.id)
     assert event is not None
     skipped = service.running.metrics.already_recorded
     before = skipped._value.get()
 
-    # The same delivery released again: the store has it succeeded, so nothing is sent.
-    await _queue_task(broker, event, webhook["id"], released=True)
+    # A second task of the delivery that succeeded (its event fanned out again after a
+    # crash, say): the store has it succeeded, so nothing is sent.
+    await _queue_task(broker, event, webhooks["/once"]["id"])
 
     async def settled_unsent() -> bool:
         return bool(skipped._value.get() >= before + 1)
 
-    await eventually(settled_unsent, timeout=10, what="the released task settled unsent")
+    await eventually(settled_unsent, timeout=10, what="the second task settled unsent")
     assert len(receiver.at("/once")) == 1
 
-    # A plain task (a manual redelivery's kind, neither released nor redelivered) is sent.
-    await _queue_task(broker, event, webhook["id"], released=False)
-    await receiver.wait_for(lambda r: len([x for x in r if x.path == "/once"]) == 2)
+    # A task of the delivery that has not succeeded is sent.
+    await _queue_task(broker, event, webhooks["/flaky"]["id"])
+    await receiver.wait_for(lambda r: len([x for x in r if x.path == "/flaky"]) == 2)
     assert skipped._value.get() == before + 1

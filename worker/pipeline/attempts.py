@@ -150,8 +150,7 @@ class AttemptRunner:
         self._webhooks: BatchLoader[str, Webhook | None] = BatchLoader(
             "webhooks", store.endpoints.get_many, None
         )
-        # Rechecks of tasks that may have been attempted already, one query for those asked
-        # together: a connection lost redelivers every task it held unacked at once.
+        # Every task's recheck, one query for those asked together.
         self._succeeded: BatchLoader[tuple[str, str], bool] = BatchLoader(
             "succeeded", store.events.succeeded, default=False
         )
@@ -171,8 +170,9 @@ class AttemptRunner:
 
         ``body`` is the task as it was queued, if it was (dead-lettered as is when exhausted);
         ``trace`` the context of the fan-out that made the delivery (W3C headers), if known;
-        ``recheck`` for a task that may have been attempted already (the broker redelivered
-        it): it is settled unsent if the store has it succeeded. ``parked`` for a delivery
+        ``recheck`` for a task, which may have been attempted already (the broker redelivered
+        it, or its event was fanned out twice): it is settled unsent if the store has it
+        succeeded. ``parked`` for a delivery
         the sweeper leased from the parked backlog: no message stands for it, so its retry or
         dead letter is confirmed before its attempt is recorded, which takes it out of the
         backlog.

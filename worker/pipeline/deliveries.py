@@ -49,10 +49,10 @@ class DeliveriesConsumer:
         bound for one task ends with it."""
         await self._settler.settle(
             message,
-            lambda: self._handle(message.body, dict(message.headers), bool(message.redelivered)),
+            lambda: self._handle(message.body, dict(message.headers)),
         )
 
-    async def _handle(self, body: bytes, headers: dict[str, Any], redelivered: bool) -> None:
+    async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:
         hinted = headers.get(topology.WEBHOOK_HEADER)
         deferrals = headers.get(topology.DEFERRALS_HEADER)
         if isinstance(hinted, str) and deferrals is None:
@@ -85,9 +85,11 @@ class DeliveriesConsumer:
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
         )
         # The attempt continues the fan-out's trace, which the task carries in its headers.
-        recheck = redelivered or bool(headers.get(topology.RELEASED_HEADER))
+        # Every task is checked against the store first, not only one the broker marks
+        # redelivered: an event fanned out but not acked before a crash is fanned out again,
+        # and a delivery of it whose first task was still queued then gets a second one.
         await self._runner.run(
-            task, decision.ticket, body, self._tracing.incoming(headers), recheck=recheck
+            task, decision.ticket, body, self._tracing.incoming(headers), recheck=True
         )
 
     @staticmethod

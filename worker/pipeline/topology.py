@@ -39,11 +39,6 @@ DEFER_TIERS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
 # Header naming the task's endpoint, so the cap is checked before the body is even parsed.
 WEBHOOK_HEADER = "x-webhook-id"
 DEFERRALS_HEADER = "x-deferrals"
-# On a task released from the parked backlog by a worker of an earlier version, which published
-# the backlog as tasks (a sweep cut short by a crash could release the same delivery again): its
-# attempt is checked against the store first. Still honoured, for the tasks such a worker left
-# queued in a rolling upgrade; nothing publishes it now.
-RELEASED_HEADER = "x-released"
 
 
 def retry_queue_name(delay: float) -> str:
