@@ -99,7 +99,7 @@ class FakeRunner:
 
 
 class Harness:
-    def __init__(self, backlog: FakeBacklog, *, sent: bool = True) -> None:
+    def __init__(self, backlog: FakeBacklog, *, sent: bool = True, global_cap: int = 256) -> None:
         self.clock = FakeClock()
         self.scheduler = Scheduler(cap=CAP, global_cap=256, defer_tiers=TIERS, clock=self.clock)
         self.backlog = backlog
@@ -108,7 +108,8 @@ class Harness:
         store = type("FakeStore", (), {"parked": backlog})()
         self.sweeper = ParkingSweeper(
             cast("Store", store), self.scheduler, cast("AttemptRunner", self.runner),
-            Metrics(), cap=CAP, delivery_timeout=5.0, spawn=self.spawn, clock=self.clock,
+            Metrics(), cap=CAP, global_cap=global_cap, delivery_timeout=5.0, spawn=self.spawn,
+            clock=self.clock,
         )  # fmt: skip
         self.scheduler.adopt([WEBHOOK])
 
@@ -209,3 +210,14 @@ async def test_an_endpoint_stays_swept_while_others_hold_part_of_its_backlog() -
     h.backlog.taken = h.backlog.others = 0  # recorded, and the others' done too
     assert await h.sweeper.sweep() == 0
     assert WEBHOOK not in h.scheduler.parked()  # drained: new deliveries decided afresh
+
+
+async def test_the_backlogs_share_half_the_worker_s_concurrency() -> None:
+    h = Harness(FakeBacklog(30), global_cap=6)  # three attempts at once for every backlog
+    measure(h.scheduler, h.clock, WEBHOOK, 0.1)
+    await h.sweeper.sweep()
+    await h.settle()
+    assert h.runner.at_once == 3
+    await h.finish()
+    assert h.runner.most_at_once == 3
+    assert len(h.runner.attempts) == 20

@@ -8,7 +8,8 @@ parks the deliveries it sends again. The sweeper here makes their attempts itsel
 fast as the endpoint can take them (the scheduler's
 :meth:`~worker.pipeline.scheduler.Scheduler.room`), oldest first: it leases a batch from the
 database and feeds it to the scheduler through at most the endpoint's cap of feeders, each
-offering one delivery at a time, so the backlog never crowds the endpoint's waiting line.
+offering one delivery at a time, so the backlog never crowds the endpoint's waiting line; over
+all endpoints, backlogs have at most half the worker's ``DELIVERY_CONCURRENCY`` under way.
 
 No message stands for a parked delivery, so the lease does what an unacked message does for a
 task. Nothing is lost: the event is acked only once its parked rows are committed; a leased row
@@ -89,6 +90,7 @@ class ParkingSweeper:
         metrics: Metrics,
         *,
         cap: int,
+        global_cap: int,
         delivery_timeout: float,
         spawn: Spawn,
         clock: Callable[[], float] = time.monotonic,
@@ -98,6 +100,9 @@ class ParkingSweeper:
         self._runner = runner
         self._metrics = metrics
         self._cap = cap
+        # Attempts the backlogs may have under way at once, over all endpoints: half the
+        # worker's DELIVERY_CONCURRENCY, so fan-out keeps room for fresh deliveries.
+        self._share = asyncio.Semaphore(max(1, global_cap // 2))
         self._delivery_timeout = delivery_timeout
         self._lease_seconds = delivery_timeout + LEASE_MARGIN_SECONDS
         self._spawn = spawn  # the worker's, so that stopping drains the feeders
@@ -200,7 +205,8 @@ class ParkingSweeper:
                     continue  # its lease runs out soon: a later sweep leases it again
                 backlog.attempting += 1
                 try:
-                    await self._attempt(webhook_id, backlog, leased)
+                    async with self._share:
+                        await self._attempt(webhook_id, backlog, leased)
                 except Exception as exc:
                     log.warning(
                         "a parked delivery's attempt failed; it stays parked",

@@ -146,7 +146,8 @@ class PipelineWorker:
         )  # fmt: skip
         sweeper = ParkingSweeper(
             store, scheduler, runner, metrics, cap=settings.endpoint_concurrency,
-            delivery_timeout=settings.delivery_timeout, spawn=self._handle,
+            global_cap=settings.delivery_concurrency, delivery_timeout=settings.delivery_timeout,
+            spawn=self._handle,
         )  # fmt: skip
         self._sweeper = sweeper
         lanes = OrderedLanes(
