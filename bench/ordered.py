@@ -10,6 +10,8 @@ they were recorded, follow the service's order (``occurred_at``, then storage or
 
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
 
 from bench.harness import EVENT_TYPE, Bench, Outcome, rate
@@ -61,7 +63,7 @@ async def ordered(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
         await bench.publisher.publish(order_event(ORG, n=n))
     say(f"published {count} events, one at a time")
     async with bench.worker("ordered") as worker:
-        done = await bench.drain(worker, count, 0.0, say, [webhook_id])
+        done = await bench.drain(worker, count, time.time(), say, [webhook_id])
     kept, first, last = await _order_kept(bench, webhook_id)
     per_second = rate(done.total - 1, first, last) if first is not None else None
     outcome.add("deliveries/s, one ordered endpoint", per_second, "/s", at_least=TARGET_RATE)

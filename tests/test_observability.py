@@ -90,10 +90,11 @@ async def test_one_log_line_per_attempt_without_secrets(
     with capture_logs() as logs:
         status, _ = await service.call("POST", f"/webhooks/{webhook['id']}/test")
         assert status == 200
-    lines = [entry for entry in logs if entry["event"] == "delivery attempt"]
-    assert len(lines) == 1
+    # The service is shared: another test's retry may be logged meanwhile, for its own endpoint.
+    attempts = [entry for entry in logs if entry["event"] == "delivery attempt"]
+    lines = [entry for entry in attempts if entry.get("webhook_id") == webhook["id"]]
+    assert len(lines) == 1, attempts
     line = lines[0]
-    assert line["webhook_id"] == webhook["id"]
     assert line["event_id"].startswith("evt_")
     assert line["attempt"] == 1
     assert line["outcome"] == "succeeded"
