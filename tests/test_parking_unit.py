@@ -166,7 +166,7 @@ async def test_stopping_hands_back_what_was_not_started() -> None:
     assert await h.sweeper.sweep() == 0  # and nothing more is leased
 
 
-async def test_a_delivery_whose_lease_runs_out_before_its_turn_is_left_to_it() -> None:
+async def test_a_delivery_whose_lease_runs_out_before_its_turn_is_handed_back_at_once() -> None:
     h = Harness(FakeBacklog(8))
     measure(h.scheduler, h.clock, WEBHOOK, 0.1)
     await h.sweeper.sweep()
@@ -176,7 +176,12 @@ async def test_a_delivery_whose_lease_runs_out_before_its_turn_is_left_to_it() -
     h.clock.advance(LEASE_MARGIN_SECONDS)
     await h.finish()
     assert [t.event_id for t in h.runner.attempts] == [f"evt_{i:03}" for i in range(CAP)]
-    assert h.backlog.held == []  # not handed back: their leases run out, and a sweep retakes
+    assert h.backlog.held == []  # written with the next sweep, in one go
+    await h.sweeper.hand_back()
+    ((returned, until),) = h.backlog.held
+    # Free for the next lease now, not once their leases are over: no wait of a lease's length.
+    assert returned == [f"evt_{i:03}" for i in range(CAP, 8)]
+    assert until <= utcnow()
 
 
 async def test_a_slow_endpoint_s_leased_deliveries_are_held_for_the_deferral() -> None:

@@ -71,9 +71,11 @@ class Backlog:
     line: collections.deque[Leased]
     feeders: int = 0
     attempting: int = 0
-    # Handed back, to be written in the next sweep: held until a time, or skipped.
+    # Handed back, to be written in the next sweep: held until a time, returned for the next
+    # lease at once, or skipped.
     held: list[str] | None = None
     held_for: float = 0.0
+    returned: list[str] | None = None
     skipped: list[str] | None = None
 
     @property
@@ -180,19 +182,22 @@ class ParkingSweeper:
         """Write what was handed back since the last sweep: deliveries held for a deferral's
         time (or, once stopped, for none), and skipped ones."""
         for webhook_id, backlog in list(self._backlogs.items()):
-            held, skipped = backlog.held, backlog.skipped
-            until = utcnow() + timedelta(seconds=backlog.held_for)
-            backlog.held = backlog.skipped = None
+            held, returned, skipped = backlog.held, backlog.returned, backlog.skipped
+            now = utcnow()
+            until = now + timedelta(seconds=backlog.held_for)
+            backlog.held = backlog.returned = backlog.skipped = None
             backlog.held_for = 0.0
             try:
                 if held:
                     await self._store.parked.hold(webhook_id, held, until)
+                if returned:
+                    await self._store.parked.hold(webhook_id, returned, now)
                 if skipped:
                     await self._store.parked.unpark(webhook_id, skipped)
             except Exception:
                 # Left leased: once the lease runs out, a sweep takes them again.
                 log.warning("handing parked deliveries back failed", webhook_id=webhook_id)
-            if not backlog.feeders and not backlog.line and not backlog.held:
+            if not (backlog.feeders or backlog.line or backlog.held or backlog.returned):
                 del self._backlogs[webhook_id]
 
     async def _feed(self, webhook_id: str, backlog: Backlog) -> None:
@@ -201,11 +206,15 @@ class ParkingSweeper:
         try:
             while backlog.line and not self._stopping:
                 leased = backlog.line.popleft()
-                if self._clock() > leased.start_by:
-                    continue  # its lease runs out soon: a later sweep leases it again
                 backlog.attempting += 1
                 try:
                     async with self._share:
+                        if self._clock() > leased.start_by:
+                            # Too little of its lease is left for an attempt: handed back for
+                            # the next sweep to lease again, rather than left waiting until
+                            # the lease is over.
+                            backlog.returned = (backlog.returned or []) + [leased.event_id]
+                            continue
                         await self._attempt(webhook_id, backlog, leased)
                 except Exception as exc:
                     log.warning(
