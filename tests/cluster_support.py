@@ -40,6 +40,16 @@ async def _run(*args: str, timeout: float = 60, check: bool = True) -> str:
     return text
 
 
+def let_rabbitmq_through(root: Path) -> None:
+    """Let the rabbitmq user, as which the nodes run, pass through the directories above
+    ``root`` (pytest's are 0700, the test runner's) to reach its own, chowned to it."""
+    for path in (root, *root.parents):
+        mode = path.stat().st_mode
+        if mode & 0o001:
+            return  # open to others already, and so is everything above it here
+        path.chmod(mode | 0o711)
+
+
 def _free(port: int) -> bool:
     with socket.socket() as sock:
         try:

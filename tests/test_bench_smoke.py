@@ -36,8 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # Every scenario at its smallest still starts its own processes (a worker or a serve, token
-# commands, nginx); on a busy two-core machine that alone takes a couple of minutes.
-RUN_SECONDS = 240
+# commands, nginx); on a busy two-core machine that alone takes a couple of minutes, and more
+# beside the fault-injection scenarios of a parallel run.
+RUN_SECONDS = 420
 
 
 @pytest.mark.timeout(RUN_SECONDS + 10)

@@ -36,7 +36,7 @@ from tests.chaos_support import (
     seed,
     worker_env,
 )
-from tests.cluster_support import Cluster, Node
+from tests.cluster_support import Cluster, Node, let_rabbitmq_through
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
 from worker.pipeline import topology
 from worker.store import Store
@@ -51,13 +51,7 @@ PROBE_TIMEOUT = 3.0
 @pytest.fixture
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     root = tmp_path_factory.mktemp("rabbitmq-cluster")
-    # The nodes run as the rabbitmq user, who must be able to pass through pytest's temporary
-    # directories (0700, the test runner's) to reach their own (chowned to it).
-    top = tmp_path_factory.getbasetemp().parent
-    for path in (root, *root.parents):
-        path.chmod(path.stat().st_mode | 0o711)
-        if path == top:
-            break
+    let_rabbitmq_through(root)
     formed = Cluster(root)
     try:
         await formed.start()

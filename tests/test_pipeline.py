@@ -494,7 +494,9 @@ async def test_endpoint_failing_past_the_bound_is_disabled(
     await publish_event(broker, "order.created", service.org, {})
     body = await _disabled(service, webhook["id"])
     assert "failed for" in str(body["disabled_reason"])
-    assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() == 1
+    # At least this one: the service shares its session's queues and database, and may also
+    # disable an earlier test's failing endpoint whose retries it consumes.
+    assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() >= 1
 
 
 async def test_retention_prunes_old_events_and_attempts(store: Store, org: str) -> None:

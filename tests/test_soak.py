@@ -158,6 +158,12 @@ async def _sample(pids: dict[str, int], receiver: Receiver, start: float) -> dic
     return samples
 
 
+def _sixths(samples: Samples) -> str:
+    """Mean MiB over each sixth of the run: whether memory grows all along, or settles."""
+    sixths = [[mb for at, mb in samples if int(at * 6 // DURATION) == k] for k in range(6)]
+    return ",".join(f"{statistics.fmean(mbs):.1f}" for mbs in sixths if mbs)
+
+
 def _windows(samples: Samples) -> tuple[float, float]:
     """Mean MiB over the first and the last sixth of the run."""
     first = [mb for at, mb in samples if at < DURATION / 6]
@@ -272,6 +278,8 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
                     f"faults={faults} "
                     f"rss_worker_mb={rss['worker'][0]:.1f}->{rss['worker'][1]:.1f} "
                     f"rss_api_mb={rss['api'][0]:.1f}->{rss['api'][1]:.1f}\n"
+                    f"soak rss by sixths (MiB): worker {_sixths(samples['worker'])}; "
+                    f"API {_sixths(samples['api'])}\n"
                     f"soak details: {'; '.join(soak.notes)}; worker B starts={soak.b.starts}; "
                     f"publish errors={len(ledger.publish_errors)}; API answers={dict(api_statuses)}"
                     + (f"; lost e.g. {list(tally.lost_examples)}" if tally.lost else "")
