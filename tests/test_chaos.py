@@ -607,8 +607,9 @@ async def _all_fail(
     states: Counter[str] = Counter()
 
     async def all_failed() -> bool:
+        now = await _delivery_states(store, endpoint.webhook_id)
         states.clear()
-        states.update(await _delivery_states(store, endpoint.webhook_id))
+        states.update(now)
         return states == Counter(failed=count)
 
     try:

@@ -7,6 +7,8 @@ queued), is settled unsent when the store has its delivery succeeded, and sent w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import aio_pika
@@ -85,3 +87,39 @@ async def test_a_task_is_sent_only_while_its_delivery_has_not_succeeded(
     await _queue_task(broker, event, webhooks["/flaky"]["id"])
     await receiver.wait_for(lambda r: len([x for x in r if x.path == "/flaky"]) == 2)
     assert skipped._value.get() == before + 1
+
+
+async def test_a_retry_that_comes_round_before_its_attempt_is_recorded_is_sent(
+    service_factory: ServiceFactory,
+    receiver: Receiver,
+    broker: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    # A loaded worker may publish a retry and see it come back before the failed attempt that
+    # scheduled it is recorded; it stands here for the retry: a task of attempt 2 while attempt
+    # 1 of the same delivery is still under way. Only another task of attempt 1 is a duplicate.
+    service = await service_factory(retry_schedule="30")
+    status, webhook = await service.call(
+        "POST", "/webhooks", {"url": receiver.url("/slow-first"), "events": ["order.created"]}
+    )
+    assert status == 201
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def first_hangs(_request: web.Request, seen: int) -> web.StreamResponse:
+        if seen == 0:
+            arrived.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 4)
+        return web.Response(status=200)
+
+    receiver.behaviours["/slow-first"] = first_hangs
+    envelope = await publish_event(broker, "order.created", service.org, {"n": 1})
+    await asyncio.wait_for(arrived.wait(), 10)
+    event = await service.store.events.get(envelope.id)
+    assert event is not None
+    await _queue_task(broker, event, webhook["id"])  # attempt 2, while attempt 1 hangs
+    try:
+        # Answered at once, while the first still hangs (a request is listed once answered).
+        await receiver.wait_for(lambda r: any(x.path == "/slow-first" for x in r), timeout=3)
+    finally:
+        release.set()
+    assert service.running.metrics.already_recorded._value.get() == 0

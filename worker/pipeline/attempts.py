@@ -134,10 +134,12 @@ class AttemptRunner:
         self._store = store
         self._sender = sender
         self._scheduler = scheduler
-        # Deliveries whose attempt is being sent or recorded here now: a second task for one
-        # (the broker redelivered it after a lost connection) is settled unsent: the first
-        # one's outcome, its success or its retry, stands for both.
-        self._under_way: set[tuple[str, str]] = set()
+        # Attempts being sent or recorded here now, by delivery and number: a second task for
+        # one (the broker redelivered it after a lost connection) is settled unsent, as the
+        # first one's outcome, its success or its retry, stands for both. The number is part
+        # of the key: the retry that attempt publishes may come round before its record is
+        # written, and is the delivery's only way on.
+        self._under_way: set[tuple[str, str, int]] = set()
         self._publisher = publisher
         self._writer = writer
         self._effects = effects
@@ -193,7 +195,7 @@ class AttemptRunner:
         self._metrics.in_flight.inc()
         answered = False
         sent: Sent | None = None
-        key = (task.event_id, task.webhook_id)
+        key = (task.event_id, task.webhook_id, task.attempt)
         try:
             if recheck and key not in self._under_way:
                 # Both reads at once: the endpoint's slot is held while they run.
