@@ -47,16 +47,6 @@ def secret_keys_env() -> Iterator[str]:
         yield TEST_SECRET_KEY
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``-n`` (pytest-xdist, ``--dist loadgroup``), the fault-injection scenarios run one
-    after another on one of the test processes, the rest spread over all of them: each scenario
-    loads the machine with workers and publishers of its own, and some start RabbitMQ nodes on
-    the first free ports, so two of them side by side would contend for cores and ports."""
-    for item in items:
-        if item.get_closest_marker("chaos") is not None:
-            item.add_marker(pytest.mark.xdist_group("chaos"))
-
-
 def _rabbitmqctl(*args: str) -> None:
     # The broker's own CLI, on PATH; the arguments are this module's.
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)  # noqa: S603, S607

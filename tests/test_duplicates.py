@@ -114,6 +114,11 @@ async def test_a_retry_that_comes_round_before_its_attempt_is_recorded_is_sent(
     receiver.behaviours["/slow-first"] = first_hangs
     envelope = await publish_event(broker, "order.created", service.org, {"n": 1})
     await asyncio.wait_for(arrived.wait(), 10)
+
+    async def stored() -> bool:  # the first attempt is sent while its event is written
+        return await service.store.events.get(envelope.id) is not None
+
+    await eventually(stored, timeout=10, what="the event stored")
     event = await service.store.events.get(envelope.id)
     assert event is not None
     await _queue_task(broker, event, webhook["id"])  # attempt 2, while attempt 1 hangs
