@@ -200,12 +200,12 @@ async def own_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[No
     test running meanwhile, and is left as it is."""
     root = tmp_path_factory.mktemp("rabbitmq-node")
     let_rabbitmq_through(root)
-    node = Cluster(root, size=1)
+    alone = Cluster(root, size=1)
     try:
-        await node.start()
-        yield node.nodes[0]
+        await alone.start()
+        yield alone.nodes[0]
     finally:
-        await node.close()
+        await alone.close()
 
 
 @pytest.fixture

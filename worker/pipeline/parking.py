@@ -180,7 +180,7 @@ class ParkingSweeper:
 
     async def hand_back(self) -> None:
         """Write what was handed back since the last sweep: deliveries held for a deferral's
-        time (or, once stopped, for none), and skipped ones."""
+        time (or, once stopped, for none), returned ones free at once, and skipped ones."""
         for webhook_id, backlog in list(self._backlogs.items()):
             held, returned, skipped = backlog.held, backlog.returned, backlog.skipped
             now = utcnow()
