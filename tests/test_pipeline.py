@@ -496,7 +496,12 @@ async def test_endpoint_failing_past_the_bound_is_disabled(
     assert "failed for" in str(body["disabled_reason"])
     # At least this one: the service shares its session's queues and database, and may also
     # disable an earlier test's failing endpoint whose retries it consumes.
-    assert service.running.metrics.endpoints_disabled.labels("failing")._value.get() >= 1
+    disabled = service.running.metrics.endpoints_disabled.labels("failing")
+
+    async def counted() -> bool:  # counted just after the endpoint's row is written
+        return bool(disabled._value.get() >= 1)
+
+    await eventually(counted, timeout=5, what="the disabled endpoint counted")
 
 
 async def test_retention_prunes_old_events_and_attempts(store: Store, org: str) -> None:
