@@ -18,6 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ``python -m worker.cli`` there, so they import that checkout's ``worker`` package.
 WORKER_ROOT = Path(os.environ.get("BENCH_WORKER_ROOT", REPO_ROOT))
 ENV_PREFIX = "SELLFERN_WEBHOOKS_"
+# BENCH_PROFILE=1 samples every service process with py-spy (collapsed stacks, one
+# ``<log>.stacks`` file beside its log; ``python -m bench.profile FILE`` sums them up).
+PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0", "cprofile")
+# BENCH_PROFILE=cprofile runs them under cProfile instead (``<log>.pstats``, written as the
+# process exits): exact call counts, at the price of a slower process.
+CPROFILE = os.environ.get("BENCH_PROFILE", "") == "cprofile"
 
 
 def free_port() -> int:
@@ -98,8 +104,11 @@ async def run_worker(
     process) with ``SELLFERN_WEBHOOKS_<key>=<value>`` settings; stop it on exit."""
     env = service_env(settings)
     with log_path.open("ab") as log:
+        pstats = str(log_path.with_suffix(".pstats"))
+        profiler = ["-m", "cProfile", "-o", pstats] if CPROFILE else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *profiler,
             "-m",
             "worker.cli",
             command,
@@ -109,7 +118,34 @@ async def run_worker(
             stdout=log,
             stderr=log,
         )
+        sampler = await _start_sampler(proc.pid, log_path) if PROFILE else None
         try:
             yield WorkerProcess(proc, log_path)
         finally:
+            if sampler is not None:
+                # SIGINT makes py-spy write what it sampled and exit.
+                with contextlib.suppress(ProcessLookupError):
+                    sampler.send_signal(signal.SIGINT)
+                await asyncio.wait_for(sampler.wait(), 30)
             await stop_process(proc, 30)
+
+
+async def _start_sampler(pid: int, log_path: Path) -> asyncio.subprocess.Process:
+    """``py-spy record`` of process ``pid`` into ``<log_path>.stacks``, 250 samples a second,
+    without pausing it (``--nonblocking``), so the figures it is measured by barely move."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("py-spy")),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(log_path.with_suffix(".stacks")),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )

@@ -271,6 +271,8 @@ class AttemptRunner:
         if parked:
             await asyncio.gather(*durable)
             await self._writer.write(record)
-        else:
+        elif durable:
             await asyncio.gather(self._writer.write(record), *durable)
+        else:
+            await self._writer.write(record)  # a success: no task for gather to wrap it in
         await self._effects.after(webhook, task.event, attempt, decision, now)

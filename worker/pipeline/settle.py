@@ -1,19 +1,24 @@
 """Consume and settle: the one place where both consumers ack, requeue or give up a message.
 
-``message.process`` acks when the handler returns and rejects with requeue when it raises, so
-no path forgets to settle. A handler that fails while the database is unreachable is kept
-unacked and run again once the database is back; a failure with the database up is requeued
-after a short back-off, and after ``DELIVERY_LIMIT`` redeliveries RabbitMQ moves the message
-to ``webhooks.dead``, so a poison message cannot loop.
+A message is acked when its handler returns (in runs, :mod:`worker.pipeline.acks`) and
+rejected with requeue when it raises or is cancelled, so no path forgets to settle. A handler
+that fails while the database is unreachable is kept unacked and run again once the database
+is back; a failure with the database up is requeued after a short back-off, and after
+``DELIVERY_LIMIT`` redeliveries RabbitMQ moves the message to ``webhooks.dead``, so a poison
+message cannot loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import AbstractChannel
+
+from worker.pipeline.acks import AckWindow
 
 log = structlog.get_logger("sellfern_webhooks.settle")
 
@@ -63,16 +68,50 @@ class Settler:
     def __init__(self, ping: Ping, stage: str) -> None:
         self._ping = ping
         self._stage = stage
+        self._channel: AbstractChannel | None = None
+        self._acks: AckWindow | None = None
+
+    def _window(self, channel: AbstractChannel) -> AckWindow:
+        """The ack window of the channel the consumer reads now (a new one after a
+        reconnect: its delivery tags start again)."""
+        if self._acks is None or channel is not self._channel:
+            self._channel = channel
+
+            async def send(tag: int, *, multiple: bool) -> None:
+                await channel.basic_ack(tag, multiple=multiple, wait=False)
+
+            self._acks = AckWindow(send)
+        return self._acks
 
     async def settle(
         self, message: AbstractIncomingMessage, handle: Callable[[], Awaitable[None]]
     ) -> None:
-        async with message.process(requeue=True, ignore_processed=True):
-            try:
-                await riding_out_database_outages(self._ping, handle)
-            except Exception:
-                log.exception("handling failed; the message will be redelivered", stage=self._stage)
-                await asyncio.sleep(REQUEUE_BACKOFF_SECONDS)
-                # Settled here rather than raised to process(), which would reject it just the
-                # same but leave the consumer's task to end in an error logged twice more.
-                await message.reject(requeue=True)
+        try:
+            acks = self._window(message.channel)
+        except Exception:
+            return  # its channel closed before it was taken up: the broker redelivers it
+        tag = message.delivery_tag or 0
+        acks.received(tag)
+        try:
+            await riding_out_database_outages(self._ping, handle)
+        except Exception:
+            log.exception("handling failed; the message will be redelivered", stage=self._stage)
+            await asyncio.sleep(REQUEUE_BACKOFF_SECONDS)
+            await self._requeue(message, acks, tag)
+            return
+        except BaseException:
+            # Cut short (the worker stops): back to the queue now, not when the channel closes.
+            await self._requeue(message, acks, tag)
+            raise
+        acks.finished(tag)
+
+    async def flushed(self) -> None:
+        """Return once the acks of every message handled so far are written."""
+        if self._acks is not None:
+            await self._acks.flushed()
+
+    @staticmethod
+    async def _requeue(message: AbstractIncomingMessage, acks: AckWindow, tag: int) -> None:
+        acks.rejected(tag)
+        with contextlib.suppress(Exception):  # a closed channel requeues it all the same
+            await message.reject(requeue=True)

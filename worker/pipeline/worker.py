@@ -11,7 +11,7 @@ in an order that loses nothing:
 3. stop the background loops (parked sweeper, recoveries, pruning, queue poll, scheduler
    review);
 4. flush the batch writer, so every attempt handled is committed;
-5. close the consumers' channels, once every message on them is settled.
+5. close the consumers' channels, once every message on them is settled and its ack written.
 
 The broker connection, the publish channel, the HTTP session and the database engine belong
 to the process (:mod:`worker.runtime`) and are closed after this.
@@ -118,6 +118,7 @@ class PipelineWorker:
         self._stopped = False
         self._changes_queue = ""  # the server's name of this worker's change-notice queue
         self._sweeper: ParkingSweeper | None = None
+        self._settlers: tuple[Settler, ...] = ()
 
     @property
     def handling(self) -> int:
@@ -135,15 +136,18 @@ class PipelineWorker:
             metrics, settings.retry_schedule, settings.retry_jitter, self._tracing,
         )  # fmt: skip
         matcher = EndpointMatcher(store)
+        fanout_settler, delivery_settler = (
+            Settler(store.ping, "fan-out"),
+            Settler(store.ping, "delivery"),
+        )
+        self._settlers = (fanout_settler, delivery_settler)
         fanout = FanOut(
-            self._writer, self._publisher, scheduler, runner, tasks, matcher,
-            Settler(store.ping, "fan-out"), metrics, settings.max_event_bytes, self._tracing,
-            store.events,
+            self._writer, self._publisher, scheduler, runner, tasks, matcher, fanout_settler,
+            metrics, settings.max_event_bytes, self._tracing, store.events,
         )  # fmt: skip
         deliveries = DeliveriesConsumer(
-            scheduler, runner, self._publisher, Settler(store.ping, "delivery"), metrics,
-            self._tracing,
-        )  # fmt: skip
+            scheduler, runner, self._publisher, delivery_settler, metrics, self._tracing
+        )
         sweeper = ParkingSweeper(
             store, scheduler, runner, metrics, cap=settings.endpoint_concurrency,
             global_cap=settings.delivery_concurrency, delivery_timeout=settings.delivery_timeout,
@@ -219,6 +223,7 @@ class PipelineWorker:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._writer.__aexit__(None, None, None)
+        await asyncio.gather(*(settler.flushed() for settler in self._settlers))
         for channel in reversed(self._channels):
             with contextlib.suppress(Exception):
                 await channel.close()

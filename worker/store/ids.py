@@ -7,18 +7,19 @@ this id" stays correct when rows are inserted concurrently.
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# base64's base32 in C, its letters then mapped onto Crockford's: one id is made per attempt.
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 
 
 def new_id(prefix: str, *, now_ms: int | None = None) -> str:
     """Return ``{prefix}_{ulid}``, e.g. ``wh_01J9Z...``."""
     millis = int(time.time() * 1000) if now_ms is None else now_ms
     value = (millis << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return f"{prefix}_{''.join(reversed(chars))}"
+    # 20 bytes are 32 base32 digits; the 128-bit value fills the last 26 (the first 6 are 0).
+    digits = base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_CROCKFORD)
+    return f"{prefix}_{digits.decode()}"
