@@ -134,6 +134,9 @@ class Scenario:
                 a("2", "A", 1, 50, "pending", retry_in=30),
                 a("6", "F", 1, 51, "pending", retry_in=30),  # F fails again: a new run
             ],
+            # An event and its first attempt in one batch (a fast endpoint's attempt can be
+            # recorded with the event it came from): the delivery is opened and advanced.
+            [self.event("7", to=["E"]), a("7", "E", 1, 60, "succeeded")],
         ]
 
 
@@ -233,8 +236,8 @@ async def test_every_implementation_leaves_the_same_rows(
 
     # And what they agree on is what the batches mean.
     rows = core_sqlite
-    assert len(rows["events"]) == 5
-    assert len(rows["attempts"]) == 12  # every attempt is kept, the duplicate too
+    assert len(rows["events"]) == 6
+    assert len(rows["attempts"]) == 13  # every attempt is kept, the duplicate too
     assert _row(rows["events"], id="evt_1_TAG")["payload"]["data"] == {
         "order": "1",
         "lines": [1, 2],
@@ -253,7 +256,7 @@ async def test_every_implementation_leaves_the_same_rows(
         row = _row(rows["deliveries"], event_id=f"evt_{event}_TAG", webhook_id=f"wh_{webhook}_TAG")
         return row["state"], row["attempts"], row["next_attempt_at"], row["created_at"]
 
-    assert len(rows["deliveries"]) == 8
+    assert len(rows["deliveries"]) == 9
     assert delivery("1", "A") == ("succeeded", 1, None, received("1"))
     assert delivery("1", "B") == ("parked", 0, received("1"), received("1"))
     assert delivery("2", "A")[:2] == ("succeeded", 2)  # not reopened by the late duplicate
@@ -261,6 +264,7 @@ async def test_every_implementation_leaves_the_same_rows(
     assert delivery("5", "E") == ("succeeded", 2, None, _at(43).isoformat())
     assert delivery("4", "F") == ("succeeded", 2, None, received("4"))
     assert delivery("6", "F") == ("pending", 1, _at(81).isoformat(), received("6"))
+    assert delivery("7", "E") == ("succeeded", 1, None, received("7"))
 
     def failing_since(webhook: str) -> str | None:
         since: str | None = _row(rows["webhooks"], id=f"wh_{webhook}_TAG")["failing_since"]
