@@ -12,7 +12,10 @@ sum. Each gauge says how its values combine: ``livesum`` for what each process h
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Self
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 NAMESPACE = "sellfern_webhooks"
@@ -22,6 +25,37 @@ _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 300, 1800, 7200
 
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
+
+
+class _ChildrenByValues:
+    """``labels(...)`` answered from a dict of the children it returned before.
+
+    prometheus-client checks and converts the label values and takes a lock on every call;
+    the pipeline asks for the same few children several times per delivery. The values are
+    bounded sets (see above), so the dict is small; no metric here ever removes a child.
+    """
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc, no-any-return]
+        children: dict[tuple[object, ...], Self] = self.__dict__.setdefault("_by_values", {})
+        child = children.get(labelvalues)
+        if child is None:
+            made: Self = super().labels(*labelvalues)  # type: ignore[misc]
+            children[labelvalues] = child = made
+        return child
+
+
+class Counter(_ChildrenByValues, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_ChildrenByValues, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_ChildrenByValues, prometheus_client.Histogram):
+    pass
 
 
 class Metrics:
