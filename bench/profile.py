@@ -15,6 +15,7 @@ process was busy; samples taken while it imported modules (starting up) are left
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -28,7 +29,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("tls", r"\(ssl\.py"),
     ("logging", r"\((structlog|logging)/"),
     ("metrics", r"\(prometheus_client/"),
-    ("tracing", r"\(opentelemetry/"),
+    # py-spy names the SDK's files from below the opentelemetry namespace package.
+    ("tracing", r"\((opentelemetry|trace|sdk|common|exporter|_shared_internal|propagators)/"),
     ("json", r"\((json|orjson)/"),
     ("validation", r"\(pydantic(_core)?/"),
     ("asyncio", r"\(asyncio/"),
@@ -99,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(BrokenPipeError):  # piped into head
+        main()
