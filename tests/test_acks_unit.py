@@ -33,7 +33,6 @@ class Channel:
 
 
 async def settled(window: AckWindow) -> None:
-    await asyncio.sleep(0)  # let the flush task start
     await window.flushed()
 
 
@@ -46,7 +45,6 @@ async def test_a_burst_finished_in_order_is_one_frame() -> None:
         window.finished(tag)
     await settled(window)
     assert channel.sent == [(100, True)]
-    assert window.frames == 1
 
 
 async def test_a_message_still_open_is_never_covered_by_multiple() -> None:
@@ -99,7 +97,8 @@ async def test_messages_finished_while_acks_are_sent_are_acked_in_a_second_round
     for tag in range(1, 5):
         window.received(tag)
     window.finished(1)
-    await asyncio.sleep(0)  # the flush task starts and is writing tag 1
+    # One step of the loop (not a wait on time): the flush task starts and is writing tag 1.
+    await asyncio.sleep(0)
     window.finished(2)
     window.finished(3)
     await window.flushed()

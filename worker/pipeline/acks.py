@@ -39,7 +39,6 @@ class AckWindow:
         self._open: dict[int, None] = {}
         self._finished: set[int] = set()
         self._flush: asyncio.Task[None] | None = None
-        self.frames = 0  # basic.ack frames sent, for tests and the curious
 
     def received(self, tag: int) -> None:
         """Call in delivery order, as each message is taken up."""
@@ -63,7 +62,7 @@ class AckWindow:
         if self._flush is not None:
             await asyncio.wait({self._flush})
 
-    def plan(self) -> tuple[int | None, list[int]]:
+    def _plan(self) -> tuple[int | None, list[int]]:
         """What to ack now: the last tag of the finished run at the head of the open messages
         (to ack with ``multiple``), and the other finished tags (each on its own). Takes them
         out of the window."""
@@ -86,13 +85,11 @@ class AckWindow:
         # the loop have all said so; it goes round again for those that finish while it sends.
         try:
             while self._finished:
-                top, singles = self.plan()
+                top, singles = self._plan()
                 if top is not None:
                     await self._send(top, multiple=True)
-                    self.frames += 1
                 for tag in singles:
                     await self._send(tag, multiple=False)
-                    self.frames += 1
         except Exception as exc:
             # The channel is gone: the broker requeues what it had not been told of.
             log.warning("acks not sent; the broker redelivers those messages", error=str(exc))
