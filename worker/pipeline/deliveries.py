@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from worker.ops.metrics import Metrics
 from worker.ops.tracing import Tracing
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptRunner
+from worker.pipeline.consuming import Delivered, headers_of
 from worker.pipeline.offers import Route, Source
 from worker.pipeline.publisher import Publisher
 from worker.pipeline.scheduler import Scheduler
@@ -44,12 +44,12 @@ class DeliveriesConsumer:
         self._metrics = metrics
         self._tracing = tracing
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback; aio-pika runs each in a task of its own, so the log context
+    async def on_message(self, message: Delivered) -> None:
+        """Consumer callback; aiormq runs each in a task of its own, so the log context
         bound for one task ends with it."""
         await self._settler.settle(
             message,
-            lambda: self._handle(message.body, dict(message.headers)),
+            lambda: self._handle(message.body, dict(headers_of(message) or {})),
         )
 
     async def _handle(self, body: bytes, headers: dict[str, Any]) -> None:

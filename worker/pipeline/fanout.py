@@ -14,13 +14,13 @@ import json
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from schemas.events import EventEnvelope
 from worker.ops.metrics import Metrics
 from worker.ops.tracing import Carrier, Traced, Tracing
 from worker.pipeline.attempts import AttemptRunner
+from worker.pipeline.consuming import Delivered, headers_of
 from worker.pipeline.matcher import EndpointMatcher
 from worker.pipeline.offers import Offer, Route, Source
 from worker.pipeline.publisher import Publisher, TaskQueue
@@ -124,12 +124,12 @@ class FanOut:
         self._max_event_bytes = max_event_bytes
         self._tracing = tracing
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback; aio-pika runs each in a task of its own, so the log context
+    async def on_message(self, message: Delivered) -> None:
+        """Consumer callback; aiormq runs each in a task of its own, so the log context
         bound while handling one event ends with it."""
         redelivered = bool(message.redelivered)
         await self._settler.settle(
-            message, lambda: self._handle(message.body, message.headers, redelivered)
+            message, lambda: self._handle(message.body, headers_of(message), redelivered)
         )
 
     async def _handle(self, body: bytes, headers: dict[str, Any] | None, redelivered: bool) -> None:

@@ -15,10 +15,10 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import AbstractChannel
 
 from worker.pipeline.acks import AckWindow
+from worker.pipeline.consuming import Delivered
 
 log = structlog.get_logger("sellfern_webhooks.settle")
 
@@ -83,13 +83,11 @@ class Settler:
             self._acks = AckWindow(send)
         return self._acks
 
-    async def settle(
-        self, message: AbstractIncomingMessage, handle: Callable[[], Awaitable[None]]
-    ) -> None:
-        try:
-            acks = self._window(message.channel)
-        except Exception:
+    async def settle(self, message: Delivered, handle: Callable[[], Awaitable[None]]) -> None:
+        channel = message.channel
+        if channel.is_closed:
             return  # its channel closed before it was taken up: the broker redelivers it
+        acks = self._window(channel)
         tag = message.delivery_tag or 0
         acks.received(tag)
         try:
@@ -111,7 +109,7 @@ class Settler:
             await self._acks.flushed()
 
     @staticmethod
-    async def _requeue(message: AbstractIncomingMessage, acks: AckWindow, tag: int) -> None:
+    async def _requeue(message: Delivered, acks: AckWindow, tag: int) -> None:
         acks.rejected(tag)
         with contextlib.suppress(Exception):  # a closed channel requeues it all the same
-            await message.reject(requeue=True)
+            await message.channel.basic_reject(tag, requeue=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -38,6 +38,7 @@ from worker.ops.metrics import Metrics
 from worker.ops.tracing import Tracing
 from worker.pipeline import topology
 from worker.pipeline.attempts import AttemptEffects, AttemptRunner
+from worker.pipeline.consuming import Delivered, DeliveredCallback, consume_directly
 from worker.pipeline.deliveries import DeliveriesConsumer
 from worker.pipeline.fanout import FanOut
 from worker.pipeline.matcher import EndpointMatcher
@@ -55,8 +56,6 @@ from worker.store import Store
 from worker.store.records import utcnow
 
 log = structlog.get_logger("sellfern_webhooks.worker")
-
-Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 QUEUE_POLL_SECONDS = 15.0
 PRUNE_INTERVAL_SECONDS = 3600.0
@@ -244,18 +243,15 @@ class PipelineWorker:
         self._channels.append(channel)
         return channel
 
-    async def _consume(self, queue_name: str, callback: Callback) -> None:
+    async def _consume(self, queue_name: str, callback: DeliveredCallback) -> None:
         channel = await self._channel()
         await channel.set_qos(prefetch_count=self._settings.delivery_concurrency)
-        # declare_queue (passive), not get_queue: only a declared queue is registered with its
-        # robust channel, which re-consumes it after a reconnect; a get_queue one stays silent.
-        queue = await channel.declare_queue(queue_name, passive=True)
-        self._consumers.append((queue, await queue.consume(self._tracked(callback))))
+        self._consumers.append(await consume_directly(channel, queue_name, self._tracked(callback)))
 
-    def _tracked(self, callback: Callback) -> Callback:
+    def _tracked(self, callback: DeliveredCallback) -> DeliveredCallback:
         """Wrap a consumer callback so that stop() can wait for the handlers under way."""
 
-        async def tracked(message: AbstractIncomingMessage) -> None:
+        async def tracked(message: Delivered) -> None:
             task = asyncio.current_task()
             if task is not None:
                 self._handlers.add(task)
