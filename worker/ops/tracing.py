@@ -31,7 +31,6 @@ from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -39,6 +38,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, S
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from worker import __version__
+from worker.ops.otlp import SpanExporter
 from worker.settings import Settings
 
 # W3C headers, in AMQP messages and HTTP requests alike: a trace's context and nothing else.
@@ -351,7 +351,8 @@ def setup_tracing(settings: Settings) -> Tracing:
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: service, SERVICE_VERSION: __version__})
     )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(traces_endpoint(settings))))
+    # The SDK's exporter with the request written by worker.ops.otlp: a quarter of the CPU.
+    provider.add_span_processor(BatchSpanProcessor(SpanExporter(traces_endpoint(settings))))
     return Tracing(provider)
 
 
