@@ -451,6 +451,34 @@ def test_a_failure_is_recorded_by_its_type_only(
 
 
 @pytest.mark.unit
+def test_a_failed_attempt_keeps_its_attributes(
+    memory: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    on, exporter = memory
+    event = {"id": "evt_1", "type": "order.created"}
+    one = on.attempt(event, "wh_1", 2, None)
+
+    def fail() -> None:
+        with one:
+            assert trace.get_current_span().get_span_context().is_valid, "current as it runs"
+            raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        fail()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes == {
+        tracing.EVENT_ID: "evt_1",
+        tracing.EVENT_TYPE: "order.created",
+        tracing.ENDPOINT_ID: "wh_1",
+        tracing.ATTEMPT: 2,
+        tracing.METHOD: "POST",
+        tracing.ERROR_TYPE: "TimeoutError",
+    }
+    assert one.headers is not None
+    assert _ids(one.headers["traceparent"]) == _hex(span)
+
+
+@pytest.mark.unit
 def test_log_lines_carry_the_current_span() -> None:
     assert add_trace_ids(None, "info", {"event": "x"}) == {"event": "x"}
     tracer = TracerProvider().get_tracer("test")

@@ -149,11 +149,7 @@ def current_carrier() -> Carrier:
 def carrier_of(context: SpanContext) -> Carrier:
     """The W3C headers of a span, as :func:`current_carrier` would give them while it is
     current, formatted directly; what they parse to is remembered for its children."""
-    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
-    carrier = {TRACEPARENT: parent}
-    state = context.trace_state.to_header() if context.trace_state else None
-    if state:
-        carrier[TRACESTATE] = state
+    carrier = _headers(context)
     remote = SpanContext(
         context.trace_id,
         context.span_id,
@@ -161,7 +157,17 @@ def carrier_of(context: SpanContext) -> Carrier:
         trace_flags=context.trace_flags,
         trace_state=context.trace_state,
     )
-    _remember((parent, state), trace.set_span_in_context(NonRecordingSpan(remote)))
+    key = (carrier[TRACEPARENT], carrier.get(TRACESTATE))
+    _remember(key, trace.set_span_in_context(NonRecordingSpan(remote)))
+    return carrier
+
+
+def _headers(context: SpanContext) -> Carrier:
+    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    carrier = {TRACEPARENT: parent}
+    state = context.trace_state.to_header() if context.trace_state else None
+    if state:
+        carrier[TRACESTATE] = state
     return carrier
 
 
@@ -171,14 +177,29 @@ class Traced:
     ``parent`` is the context it continues, ``headers`` the context to send on (W3C headers,
     or None): with a span, the span's own; without one, the parent's, passed through. The span
     is current while the block runs, so log lines name it (:func:`worker.ops.logging`).
+    ``children``: spans of this process will continue ``headers`` (a fan-out's attempts), so
+    the context they parse to is remembered; an attempt's only go out with its request.
+
+    The span's attributes are gathered here and handed to it in one call as it ends: the SDK
+    takes a lock and cleans the values on every call, and nothing reads them before the end
+    (the SDK's own samplers, which ``OTEL_TRACES_SAMPLER`` chooses from, do not look at them).
     """
 
-    __slots__ = ("_span", "_start", "_token", "headers", "parent")
+    __slots__ = ("_attributes", "_children", "_span", "_start", "_token", "headers", "parent")
 
-    def __init__(self, parent: Carrier | None, start: Callable[[], Span] | None = None) -> None:
+    def __init__(
+        self,
+        parent: Carrier | None,
+        start: Callable[[], Span] | None = None,
+        attributes: dict[str, str | int] | None = None,
+        *,
+        children: bool = False,
+    ) -> None:
         self.parent = parent
         self.headers = parent
         self._start = start
+        self._attributes = {} if attributes is None else attributes
+        self._children = children
         self._span: Span | None = None
         self._token: Token[Context] | None = None
 
@@ -188,7 +209,8 @@ class Traced:
             # Attached by hand rather than with start_as_current_span: the same, without the
             # generator-based context manager that costs more than the span itself.
             self._token = otel_context.attach(trace.set_span_in_context(span))
-            self.headers = carrier_of(span.get_span_context())
+            context = span.get_span_context()
+            self.headers = carrier_of(context) if self._children else _headers(context)
         return self
 
     def __exit__(
@@ -202,23 +224,25 @@ class Traced:
             return
         if exc_type is not None:
             # The type only: the message may quote a URL or a statement's parameters.
-            span.set_attribute(ERROR_TYPE, exc_type.__qualname__)
+            self._attributes[ERROR_TYPE] = exc_type.__qualname__
             span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
+        if self._attributes:
+            span.set_attributes(self._attributes)
         if self._token is not None:
             otel_context.detach(self._token)
         span.end()
 
     def fanned_out(self, event_id: str, event_type: str, endpoints: int) -> None:
         if self._span is not None:
-            self._span.set_attributes(
-                {EVENT_ID: event_id, EVENT_TYPE: event_type, ENDPOINTS: endpoints}
-            )
+            attributes = self._attributes
+            attributes[EVENT_ID], attributes[EVENT_TYPE] = event_id, event_type
+            attributes[ENDPOINTS] = endpoints
 
     def finished(self, outcome: str, status_code: int | None) -> None:
         if self._span is not None:
-            self._span.set_attribute(OUTCOME, outcome)
+            self._attributes[OUTCOME] = outcome
             if status_code is not None:
-                self._span.set_attribute(STATUS_CODE, status_code)
+                self._attributes[STATUS_CODE] = status_code
 
 
 class Tracing:
@@ -240,9 +264,8 @@ class Tracing:
         parent = self.incoming(headers)
         if self._tracer is None:
             return Traced(parent)
-        return Traced(
-            parent, _start(self._tracer, "webhooks fan-out", SpanKind.CONSUMER, parent, {})
-        )
+        start = _start(self._tracer, "webhooks fan-out", SpanKind.CONSUMER, parent)
+        return Traced(parent, start, children=True)
 
     def attempt(
         self, event: Mapping[str, Any], webhook_id: str, number: int, parent: Carrier | None
@@ -258,8 +281,8 @@ class Tracing:
             ATTEMPT: number,
             METHOD: "POST",
         }
-        start = _start(self._tracer, "webhooks attempt", SpanKind.CLIENT, parent, attributes)
-        return Traced(parent, start)
+        start = _start(self._tracer, "webhooks attempt", SpanKind.CLIENT, parent)
+        return Traced(parent, start, attributes)
 
     def middlewares(self, prefix: str) -> list[Middleware]:
         """The API's tracing middleware (none without a tracer): one span per request under
@@ -317,14 +340,12 @@ def _start(
     name: str,
     kind: SpanKind,
     parent: Carrier | None,
-    attributes: dict[str, str | int],
 ) -> Callable[[], Span]:
     """Starts the span when :class:`Traced` enters; errors are recorded by type there."""
     return lambda: tracer.start_span(
         name,
         context=context_of(parent) if parent else None,
         kind=kind,
-        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     )
