@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.store.records import DeliveryState, EventDelivery, Page, StoredEvent, page_of
-from worker.store.tables import attempts, deliveries, events, webhooks
+from worker.store.tables import attempts, deliveries, events, one_of, webhooks
 
 
 def _stored_event(row: sa.Row[Any, Any, Any, Any, Any]) -> StoredEvent:
@@ -146,7 +146,7 @@ class EventRepository:
         """Which of these (event id, endpoint id) deliveries have succeeded, in one query."""
         wanted = set(keys)
         query = sa.select(deliveries.c.event_id, deliveries.c.webhook_id).where(
-            deliveries.c.event_id.in_({event_id for event_id, _ in wanted}),
+            one_of(deliveries.c.event_id, {e for e, _ in wanted}, self._engine.dialect),
             deliveries.c.state == "succeeded",
         )
         async with self._engine.connect() as connection:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.store.records import utcnow
-from worker.store.tables import deliveries, events
+from worker.store.tables import deliveries, events, one_of
 
 
 class ParkedDeliveries:
@@ -78,7 +78,7 @@ class ParkedDeliveries:
                 deliveries.update()
                 .where(
                     deliveries.c.webhook_id == webhook_id,
-                    deliveries.c.event_id.in_(list(chosen)),
+                    one_of(deliveries.c.event_id, chosen, self._engine.dialect),
                     deliveries.c.state == "parked",
                     free,
                 )
@@ -106,7 +106,7 @@ class ParkedDeliveries:
                 deliveries.update()
                 .where(
                     deliveries.c.webhook_id == webhook_id,
-                    deliveries.c.event_id.in_(list(event_ids)),
+                    one_of(deliveries.c.event_id, event_ids, self._engine.dialect),
                     deliveries.c.state == "parked",
                 )
                 .values(updated_at=utcnow(), **values)

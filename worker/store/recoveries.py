@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.store.ids import new_id
 from worker.store.records import Recovery, RecoveryStatus, utcnow
-from worker.store.tables import deliveries, recoveries, webhooks
+from worker.store.tables import deliveries, one_of, recoveries, webhooks
 
 MAX_RECOVERY_DELIVERIES = 100_000
 
@@ -232,7 +232,11 @@ class RecoveryRepository:
                     deliveries.update()
                     .where(
                         deliveries.c.webhook_id == row.webhook_id,
-                        deliveries.c.event_id.in_([t.event_id for t in taken]),
+                        one_of(
+                            deliveries.c.event_id,
+                            [t.event_id for t in taken],
+                            self._engine.dialect,
+                        ),
                     )
                     .values(state="parked", next_attempt_at=None, updated_at=now)
                 )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 
@@ -32,6 +34,25 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         if not isinstance(value, datetime):
             raise TypeError(f"expected a datetime, got {type(value).__name__}")
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def one_of(
+    column: sa.ColumnElement[str], values: Iterable[str], dialect: Dialect
+) -> sa.ColumnElement[bool]:
+    """``column IN values``, as one statement however many the values are.
+
+    ``IN`` gives each value a placeholder of its own, so every list length is a different
+    statement, and asyncpg prepares and caches each one on each pooled connection (100 per
+    connection, kept for the connection's life). The worker's lookups and leases come in
+    batches of any size: a spell of retries filled those caches with hundreds of statements,
+    whose memory the process then kept. On PostgreSQL the values go as one array instead
+    (``= ANY``); SQLite, which has no arrays, keeps ``IN``.
+    """
+    values = list(values)
+    if dialect.name == "postgresql":
+        array = sa.bindparam(None, values, type_=postgresql.ARRAY(column.type))
+        return column == sa.any_(array)
+    return column.in_(values)
 
 
 metadata = sa.MetaData(
