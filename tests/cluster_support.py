@@ -19,6 +19,7 @@ import json
 import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,14 +41,16 @@ async def _run(*args: str, timeout: float = 60, check: bool = True) -> str:
     return text
 
 
-def let_rabbitmq_through(root: Path) -> None:
-    """Let the rabbitmq user, as which the nodes run, pass through the directories above
-    ``root`` (pytest's are 0700, the test runner's) to reach its own, chowned to it."""
-    for path in (root, *root.parents):
-        mode = path.stat().st_mode
-        if mode & 0o001:
-            return  # open to others already, and so is everything above it here
-        path.chmod(mode | 0o711)
+def node_root(purpose: str) -> Path:
+    """A new directory under the system's temporary one for a test's nodes.
+
+    Not under pytest's temporary directory: every pytest run that starts on the machine resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, which would shut the ``rabbitmq`` user out of a
+    running node's data and hang it. :meth:`Cluster.close` removes it.
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"sfw-{purpose}-"))
+    root.chmod(0o711)  # the rabbitmq user passes through to its own, chowned directories
+    return root
 
 
 def _free(port: int) -> bool:

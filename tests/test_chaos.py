@@ -57,7 +57,7 @@ from tests.chaos_support import (
     trickle,
     worker_env,
 )
-from tests.cluster_support import Cluster, Node, let_rabbitmq_through
+from tests.cluster_support import Cluster, Node, node_root
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
 from worker.pipeline import topology
 from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
@@ -195,11 +195,10 @@ async def test_kill_9_under_load(
 
 
 @pytest.fixture
-async def own_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Node]:
+async def own_node() -> AsyncIterator[Node]:
     """A RabbitMQ node of the test's own to restart: the machine's node serves every other
     test running meanwhile, and is left as it is."""
-    root = tmp_path_factory.mktemp("rabbitmq-node")
-    let_rabbitmq_through(root)
+    root = node_root("rabbitmq-node")
     alone = Cluster(root, size=1)
     try:
         await alone.start()

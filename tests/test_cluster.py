@@ -36,7 +36,7 @@ from tests.chaos_support import (
     seed,
     worker_env,
 )
-from tests.cluster_support import Cluster, Node, let_rabbitmq_through
+from tests.cluster_support import Cluster, Node, node_root
 from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
 from worker.pipeline import topology
 from worker.store import Store
@@ -49,9 +49,8 @@ PROBE_TIMEOUT = 3.0
 
 
 @pytest.fixture
-async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
-    root = tmp_path_factory.mktemp("rabbitmq-cluster")
-    let_rabbitmq_through(root)
+async def cluster() -> AsyncIterator[Cluster]:
+    root = node_root("rabbitmq-cluster")
     formed = Cluster(root)
     try:
         await formed.start()
