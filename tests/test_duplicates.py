@@ -10,15 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from contextlib import AsyncExitStack
 
 import aio_pika
+import aiohttp
 import pytest
 from aiohttp import web
 
-from schemas.publish import publish_event
-from tests.conftest import Receiver, ServiceFactory, eventually
+from schemas.publish import build_event, publish_envelope, publish_event
+from tests.conftest import (
+    Receiver,
+    Service,
+    ServiceFactory,
+    eventually,
+    make_settings,
+    run_service,
+)
 from worker.pipeline import topology
 from worker.pipeline.tasks import encode_task, task_headers
+from worker.store.records import NewEvent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,3 +138,57 @@ async def test_a_retry_that_comes_round_before_its_attempt_is_recorded_is_sent(
     finally:
         release.set()
     assert service.running.metrics.already_recorded._value.get() == 0
+
+
+async def test_a_redelivered_event_whose_delivery_has_no_attempt_recorded_is_not_stranded(
+    database_url: str,
+    amqp_url: str,
+    ca_bundle: str,
+    org: str,
+    receiver: Receiver,
+    broker: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    # A worker stored an event, its delivery still pending, and sent the first attempt; then the
+    # database failed the attempt's record and the event went back to the broker. Fanned out
+    # again, the delivery is offered again, and this time the scheduler parks it (here because
+    # the endpoint is ordered; under load, because its endpoint has a parked backlog). The
+    # delivery must end up parked, for the sweeper or the ordered lane to send it: left
+    # pending, with no attempt and no task, nothing would ever send it.
+    settings = make_settings(database_url, amqp_url, ca_bundle)
+    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+        running = await stack.enter_async_context(run_service(settings, role="api"))
+        _, token = await running.store.tokens.create(org, ("webhooks:manage",), "test")
+        api = Service(running, http, token, org)
+        status, webhook = await api.call(
+            "POST",
+            "/webhooks",
+            {"url": receiver.url("/again"), "events": ["order.created"], "ordered": True},
+        )
+        assert status == 201
+        envelope = build_event("order.created", org, {"n": 1})
+        await running.store.pipeline.write_batch(
+            [
+                NewEvent(
+                    envelope.model_dump(mode="json"), envelope.occurred_at, (webhook["id"],),
+                    frozenset(),
+                )
+            ]
+        )  # fmt: skip
+        assert await running.store.events.delivery_state(envelope.id, webhook["id"]) == "pending"
+
+        await publish_envelope(broker, envelope)
+        channel = await broker.channel()
+        queue = await channel.get_queue(topology.EVENTS_QUEUE, ensure=False)
+        taken = await queue.get(no_ack=False, timeout=10)
+        assert json.loads(taken.body)["id"] == envelope.id
+        await channel.close()  # unacked: the broker requeues it, marked redelivered
+
+        await stack.enter_async_context(run_service(settings, role="worker"))
+        await receiver.wait_for(lambda r: any(x.path == "/again" for x in r), timeout=20)
+        assert [r.headers["webhook-id"] for r in receiver.at("/again")] == [envelope.id]
+
+        async def recorded() -> bool:
+            state = await running.store.events.delivery_state(envelope.id, webhook["id"])
+            return state == "succeeded"
+
+        await eventually(recorded, what="the delivery recorded")

@@ -137,6 +137,14 @@ class Scenario:
             # An event and its first attempt in one batch (a fast endpoint's attempt can be
             # recorded with the event it came from): the delivery is opened and advanced.
             [self.event("7", to=["E"]), a("7", "E", 1, 60, "succeeded")],
+            [self.event("8", to=["A", "C", "D"])],
+            [a("8", "C", 1, 70, "pending", retry_in=30), a("8", "D", 1, 71, "succeeded")],
+            # Redelivered, and parked this time by the scheduler: what is still pending is
+            # parked (its attempt or retry may have been lost); nothing else changes.
+            [
+                self.event("8", to=["A", "C", "D"], parked=["A", "C", "D"]),
+                self.event("1", to=["A", "B"], parked=["A", "B"]),
+            ],
         ]
 
 
@@ -236,8 +244,8 @@ async def test_every_implementation_leaves_the_same_rows(
 
     # And what they agree on is what the batches mean.
     rows = core_sqlite
-    assert len(rows["events"]) == 6
-    assert len(rows["attempts"]) == 13  # every attempt is kept, the duplicate too
+    assert len(rows["events"]) == 7
+    assert len(rows["attempts"]) == 15  # every attempt is kept, the duplicate too
     assert _row(rows["events"], id="evt_1_TAG")["payload"]["data"] == {
         "order": "1",
         "lines": [1, 2],
@@ -256,7 +264,7 @@ async def test_every_implementation_leaves_the_same_rows(
         row = _row(rows["deliveries"], event_id=f"evt_{event}_TAG", webhook_id=f"wh_{webhook}_TAG")
         return row["state"], row["attempts"], row["next_attempt_at"], row["created_at"]
 
-    assert len(rows["deliveries"]) == 9
+    assert len(rows["deliveries"]) == 12
     assert delivery("1", "A") == ("succeeded", 1, None, received("1"))
     assert delivery("1", "B") == ("parked", 0, received("1"), received("1"))
     assert delivery("2", "A")[:2] == ("succeeded", 2)  # not reopened by the late duplicate
@@ -265,6 +273,9 @@ async def test_every_implementation_leaves_the_same_rows(
     assert delivery("4", "F") == ("succeeded", 2, None, received("4"))
     assert delivery("6", "F") == ("pending", 1, _at(81).isoformat(), received("6"))
     assert delivery("7", "E") == ("succeeded", 1, None, received("7"))
+    assert delivery("8", "A") == ("parked", 0, received("8"), received("8"))
+    assert delivery("8", "C") == ("parked", 1, received("8"), received("8"))  # retry: now
+    assert delivery("8", "D") == ("succeeded", 1, None, received("8"))
 
     def failing_since(webhook: str) -> str | None:
         since: str | None = _row(rows["webhooks"], id=f"wh_{webhook}_TAG")["failing_since"]

@@ -6,9 +6,9 @@ per-row SQL expression is built. This is the worker's hottest write; SQLAlchemy 
 more CPU than the rest of a delivery's bookkeeping together.
 
 The rows come from :func:`worker.store.pipeline_writes.prepare`, as for the Core
-implementation; only the statements differ, and they do what the Core ones do: events and
-deliveries are inserted if new, attempts always, and a delivery advances without ever
-leaving ``succeeded``.
+implementation; only the statements differ, and they do what the Core ones do: events are
+inserted if new, deliveries if new or else parked where a pending one is parked again,
+attempts always, and a delivery advances without ever leaving ``succeeded``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ ON CONFLICT DO NOTHING
 """
 
 OPEN_DELIVERIES = """
-INSERT INTO deliveries (event_id, webhook_id, state, attempts, next_attempt_at, created_at,
-                        updated_at)
+INSERT INTO deliveries AS d (event_id, webhook_id, state, attempts, next_attempt_at,
+                             created_at, updated_at)
 SELECT e, w, s, 0, c, c, c
-FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[]) AS d(e, w, s, c)
-ON CONFLICT DO NOTHING
+FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[]) AS o(e, w, s, c)
+ON CONFLICT (event_id, webhook_id) DO UPDATE SET
+    state = excluded.state,
+    next_attempt_at = excluded.next_attempt_at,
+    updated_at = excluded.updated_at
+WHERE excluded.state = 'parked' AND d.state = 'pending'
 """
 
 INSERT_ATTEMPTS = """

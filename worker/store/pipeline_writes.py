@@ -41,7 +41,13 @@ class PipelineWrites(Protocol):
         their delivery's new state and their endpoint's failure run — in one transaction:
         the hot path pays one commit per batch, whatever it holds. Events and deliveries are
         inserted only if new (repeating a batch is harmless); attempts always; a delivery
-        advances without ever leaving ``succeeded``."""
+        advances without ever leaving ``succeeded``.
+
+        One exception: a delivery already ``pending`` that an event's write parks becomes
+        ``parked``. That is a redelivered event whose delivery the scheduler parked this time:
+        its first attempt, or that attempt's retry, may have been lost with the message that
+        is now redelivered, and left pending it would have no attempt, task or sweep to send
+        it. The backlog's sweep sends it, at worst once more than needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +171,7 @@ class CorePipelineWrites:
             )
         if prepared.opened:
             await connection.execute(
-                self._insert(deliveries).on_conflict_do_nothing(),
+                self._delivery_reopen(),
                 [
                     {
                         "event_id": e,
@@ -207,6 +213,20 @@ class CorePipelineWrites:
                 .values(failing_since=sa.bindparam("run_since")),
                 [{"run_id": w, "run_since": since} for w, since in prepared.started.items()],
             )
+
+    def _delivery_reopen(self) -> Any:  # noqa: ANN401 - a dialect-specific Insert
+        """Open a delivery; one already there is left alone, unless it is ``pending`` and
+        this write parks it (see :meth:`PipelineWrites.write_batch`)."""
+        statement = self._insert(deliveries)
+        return statement.on_conflict_do_update(
+            index_elements=[deliveries.c.event_id, deliveries.c.webhook_id],
+            set_={
+                "state": statement.excluded.state,
+                "next_attempt_at": statement.excluded.next_attempt_at,
+                "updated_at": statement.excluded.updated_at,
+            },
+            where=sa.and_(statement.excluded.state == "parked", deliveries.c.state == "pending"),
+        )
 
     def _delivery_upsert(self) -> Any:  # noqa: ANN401 - a dialect-specific Insert
         """Insert or advance a delivery. A succeeded delivery stays succeeded: a late duplicate
