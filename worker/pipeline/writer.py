@@ -2,7 +2,8 @@
 
 A caller hands in an item and awaits it; it returns once the batch holding the item is
 committed, so the caller acks its message only after what it produced is durable. A failed
-batch raises in every caller, whose messages then go back to the queue.
+batch raises :class:`BatchNotWrittenError` in every caller, whose messages then go back to the
+queue.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from worker.store.records import AttemptRecord, NewEvent
 log = structlog.get_logger("sellfern_webhooks.writer")
 
 T = TypeVar("T")
+
+
+class BatchNotWrittenError(Exception):
+    """The batch holding a caller's item was not committed; ``__cause__`` says why.
+
+    Each caller gets an exception of its own: one shared object, raised in every caller,
+    would gather each raise's frames in its traceback, and the log lines of a database fault
+    would grow with every message it failed.
+    """
 
 
 class BatchWriter(Generic[T]):
@@ -88,7 +98,9 @@ class BatchWriter(Generic[T]):
                         writer=self._name, size=len(batch), error=str(exc))  # fmt: skip
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    failed = BatchNotWrittenError(f"the {self._name} batch was not written: {exc}")
+                    failed.__cause__ = exc
+                    future.set_exception(failed)
             return
         self._metrics.store_batch_size.labels(self._name).observe(len(batch))
         self._metrics.store_write_duration.labels(self._name).observe(time.perf_counter() - started)
