@@ -227,14 +227,15 @@ class Ledger:
         return self._states.get((event_id, endpoint.webhook_id))
 
     async def unrecorded(self, store: Store) -> set[tuple[str, str]]:
-        """The pairs the receiver accepted that the store does not have succeeded. Read just
-        after a worker's kill, they are its attempts in flight: sent, answered, not yet
-        recorded; each may be sent once more."""
+        """The pairs the receiver has had a request for that the store does not have
+        succeeded. Read just after a worker's kill, they are its attempts in flight: sent,
+        answered or still being answered (a slow endpoint's), not recorded; each may be sent
+        once more."""
         await self._read_states(store)
         return {
             (event_id, path)
-            for (event_id, path), accepted in self.accepted.items()
-            if accepted
+            for (event_id, path), requests in self.requests.items()
+            if requests
             and self._states.get((event_id, self.endpoints[path].webhook_id)) != "succeeded"
         }
 

@@ -39,6 +39,48 @@ AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672"
 TEST_SECRET_KEY = generate_key()
 
 
+# Tests that inject faults under load or measure rates across worker processes run one after
+# another on one xdist worker (``--dist loadgroup``), so that no two of them share the machine;
+# the rest, the bench's smoke run among them (it measures nothing), share the others.
+SERIAL_MODULES = frozenset({"test_rate_limit.py", "test_worker_processes.py"})
+
+Figures = Callable[[str], None]
+
+
+# First: xdist's own hook reads the group marks to put the groups in the test ids.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("chaos") or item.path.name in SERIAL_MODULES:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    """Report a line of a scenario's figures. It is kept with the test's report and listed in
+    the run's "figures" summary, also from xdist's workers, whose output is not shown."""
+
+    def report(line: str) -> None:
+        request.node.user_properties.append(("figures", line))
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [
+        f"{report.nodeid}: {value}"
+        for category in ("passed", "failed")
+        for report in terminalreporter.stats.get(category, [])
+        if getattr(report, "when", None) == "call"
+        for name, value in report.user_properties
+        if name == "figures"
+    ]
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def secret_keys_env() -> Iterator[str]:
     """Worker subprocesses open secrets that the in-process service sealed: same key."""
@@ -84,6 +126,13 @@ async def fresh_postgres(prefix: str = "sfw_test") -> AsyncIterator[str]:
             await admin.close()
 
 
+def connection_name() -> str:
+    """The running test's id, as a broker connection's name (its tools show who opened it),
+    cut short: a parametrized test's id can hold its whole parameter, and a handshake that
+    outgrows the broker's first frame is reset."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "")[:200]
+
+
 @pytest.fixture
 async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
     """A publisher's connection, named after the test so the broker's tools show who opened it;
@@ -91,7 +140,7 @@ async def broker(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConn
     five (the default)."""
     connection = await aio_pika.connect_robust(
         amqp_url,
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
+        client_properties={"connection_name": connection_name()},
         reconnect_interval=1,
     )
     yield connection

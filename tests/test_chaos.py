@@ -58,7 +58,15 @@ from tests.chaos_support import (
     worker_env,
 )
 from tests.cluster_support import Cluster, Node, node_root
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
+from tests.conftest import (
+    TEST_SECRET_KEY,
+    Figures,
+    Receiver,
+    connection_name,
+    eventually,
+    make_settings,
+    run_service,
+)
 from worker.pipeline import topology
 from worker.pipeline.sender import RESPONSE_EXCERPT_BYTES
 from worker.pipeline.tasks import DeliveryTask
@@ -104,7 +112,7 @@ async def _finish(
     store: Store,
     worker: WorkerProcess,
     amqp_url: str,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
     *,
     schedule: Sequence[float] = TEST_SCHEDULE,
     timeout: float = 90,
@@ -123,8 +131,7 @@ async def _finish(
             code, _ = await worker.terminate()
             assert code == 0, worker.tail()
         tally = await ledger.tally(store)
-        with capsys.disabled():
-            print(f"\n{tally.line()}")  # noqa: T201 - the scenario's result line
+        figures(tally.line())
     assert ledger.bad_signatures == 0
     assert tally.lost == 0, f"lost: {tally.lost_examples}"
     assert tally.unstored == 0, "a pair was delivered but not recorded as succeeded"
@@ -153,7 +160,7 @@ async def test_kill_9_under_load(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     rng = random.Random(ledger.seed)
     await ledger.add_endpoint(pg_store, receiver, org, "/all", ["order.created", "order.updated"])
@@ -180,13 +187,12 @@ async def test_kill_9_under_load(
         in_flight |= new
         await worker.start()
     await load
-    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    tally = await _finish(ledger, pg_store, worker, amqp_url, figures)
     # Reported beside the duplicates, not bounded by them: an event fanned out but not acked
     # before a kill is fanned out again, and a delivery of it that had a task queued (this
     # worker's global cap is small) gets a second task, sent as well if neither came round
     # before the kill.
-    with capsys.disabled():
-        print(f"kill -9: in flight at each kill={at_each_kill} duplicates={tally.duplicates}")  # noqa: T201
+    figures(f"kill -9: in flight at each kill={at_each_kill} duplicates={tally.duplicates}")
     assert worker.kills >= 3
     assert tally.duplicate_ratio <= 0.01
 
@@ -211,7 +217,7 @@ async def own_node() -> AsyncIterator[Node]:
 async def own_broker(own_node: Node) -> AsyncIterator[AbstractRobustConnection]:
     connection = await aio_pika.connect_robust(
         own_node.url(),
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
+        client_properties={"connection_name": connection_name()},
         reconnect_interval=1,
     )
     yield connection
@@ -238,7 +244,7 @@ async def test_broker_restart_under_load(
     org: str,
     ledger: Ledger,
     own_worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     amqp_url, broker, worker = own_node.url(), own_broker, own_worker
     rng = random.Random(ledger.seed)
@@ -288,10 +294,10 @@ async def test_broker_restart_under_load(
             headers={"Authorization": f"Bearer {token}"},
         ) as response:
             assert response.status == 200, await response.text()
-    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    tally = await _finish(ledger, pg_store, worker, amqp_url, figures)
     assert worker.starts == 1, "the worker reconnected by itself"
     assert tally.confirmed < tally.published
-    print(f"broker outages (s): {[round(o, 1) for o in outages]}")  # noqa: T201
+    figures(f"broker outages (s): {[round(o, 1) for o in outages]}")
 
 
 async def _publish_fails(call: Callable[[], Awaitable[object]]) -> float:
@@ -315,7 +321,7 @@ async def test_database_outage_under_load(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     rng = random.Random(ledger.seed)
     await ledger.add_endpoint(pg_store, receiver, org, "/all", ["order.created", "order.updated"])
@@ -339,7 +345,7 @@ async def test_database_outage_under_load(
             await proxy.restore()
             assert worker.running
         await load
-        tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
+        tally = await _finish(ledger, pg_store, worker, amqp_url, figures)
     finally:
         await proxy.close()
     assert worker.starts == 1, "the worker resumed by itself"
@@ -364,7 +370,7 @@ async def test_hostile_receivers(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     schedule = (0.5,)
     worker.env["SELLFERN_WEBHOOKS_DELIVERY_TIMEOUT"] = "2"
@@ -405,9 +411,9 @@ async def test_hostile_receivers(
         for path, b in hostile.items()
     }
     beside = await healthy_latencies(org, ["/healthy-1", "/healthy-2"])
-    await _finish(ledger, pg_store, worker, amqp_url, capsys, schedule=schedule)
+    await _finish(ledger, pg_store, worker, amqp_url, figures, schedule=schedule)
     p95_alone, p95_beside = _percentile(alone, 0.95), _percentile(beside, 0.95)
-    print(  # noqa: T201
+    figures(
         f"healthy endpoints, publish to 2xx: p50 {_percentile(alone, 0.5):.3f}s p95 "
         f"{p95_alone:.3f}s alone; p50 {_percentile(beside, 0.5):.3f}s p95 {p95_beside:.3f}s "
         "beside hostile ones"
@@ -453,7 +459,7 @@ async def test_poison_task_ends_in_dead_letter_queue(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     ok = await ledger.add_endpoint(pg_store, receiver, org, "/ok", ["order.created"])
     await _start(worker)
@@ -471,9 +477,9 @@ async def test_poison_task_ends_in_dead_letter_queue(
     await channel.close()
     assert worker.running
     assert worker.starts == 1
-    await _finish(ledger, pg_store, worker, amqp_url, capsys)
+    await _finish(ledger, pg_store, worker, amqp_url, figures)
     reason = dead.headers.get("x-first-death-reason")
-    print(f"poison task dead-lettered: {reason!r} {dead.headers.get('x-death')!r}")  # noqa: T201
+    figures(f"poison task dead-lettered: {reason!r} {dead.headers.get('x-death')!r}")
     assert reason == "delivery_limit"
 
 
@@ -501,7 +507,7 @@ async def test_sigterm_under_load(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     rng = random.Random(ledger.seed)
 
@@ -528,8 +534,8 @@ async def test_sigterm_under_load(
         stops.append(took)
         await worker.start()
     await load
-    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys)
-    print(f"SIGTERM to exit (s): {[round(s, 2) for s in stops]}")  # noqa: T201
+    tally = await _finish(ledger, pg_store, worker, amqp_url, figures)
+    figures(f"SIGTERM to exit (s): {[round(s, 2) for s in stops]}")
     # The drain bound, plus closing connections and the interpreter's exit.
     assert max(stops) < drain_bound + 3
     assert tally.duplicates == 0
@@ -642,7 +648,7 @@ async def test_recovery_survives_kill_9(
     org: str,
     ledger: Ledger,
     worker: WorkerProcess,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     # One retry: the failures only set the scene, and 2,000 events cost 4,000 attempts so.
     schedule = (0.3,)
@@ -694,16 +700,15 @@ async def test_recovery_survives_kill_9(
 
         await eventually(recovered, timeout=60 * SCALE, what="the recovery done, all succeeded")
         done = await _call(http, "GET", f"{url}/recoveries/{recovery['id']}", auth, 200)
-    tally = await _finish(ledger, pg_store, worker, amqp_url, capsys, schedule=schedule)
+    tally = await _finish(ledger, pg_store, worker, amqp_url, figures, schedule=schedule)
     received = Counter(path.succeeded)
     resent = {event_id for event_id, n in received.items() if n > 1}
-    with capsys.disabled():
-        print(  # noqa: T201
-            f"recovery through kill -9: recovered={len(received)}/{count} "
-            f"duplicates={len(resent)} in_flight_at_kill={len(in_flight)} "
-            f"received_at_kill={seen_at_kill} parked_at_kill={len(parked_at_kill)} "
-            f"queued_at_kill={at_kill.queued}/{at_kill.total}"
-        )
+    figures(
+        f"recovery through kill -9: recovered={len(received)}/{count} "
+        f"duplicates={len(resent)} in_flight_at_kill={len(in_flight)} "
+        f"received_at_kill={seen_at_kill} parked_at_kill={len(parked_at_kill)} "
+        f"queued_at_kill={at_kill.queued}/{at_kill.total}"
+    )
     assert set(received) == set(ledger.confirmed), "a recovered delivery was lost"
     assert tally.delivered == tally.pairs == count
     assert max(received.values()) <= 2, "sent again more than once"

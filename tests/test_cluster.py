@@ -16,7 +16,6 @@ forming the cluster included).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from tests.chaos_support import (
     worker_env,
 )
 from tests.cluster_support import Cluster, Node, node_root
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
+from tests.conftest import TEST_SECRET_KEY, Figures, Receiver, connection_name, eventually
 from worker.pipeline import topology
 from worker.store import Store
 
@@ -63,7 +62,7 @@ async def cluster() -> AsyncIterator[Cluster]:
 async def publisher(cluster: Cluster) -> AsyncIterator[AbstractRobustConnection]:
     connection = await connect_robust(
         cluster.amqp_url,
-        client_properties={"connection_name": os.environ.get("PYTEST_CURRENT_TEST", "")},
+        client_properties={"connection_name": connection_name()},
         reconnect_interval=1,
     )
     yield connection
@@ -103,7 +102,7 @@ async def test_cluster_node_failover_under_load(
     pg_store: Store,
     org: str,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     ledger = Ledger("cluster_node_failover", seed())
     await ledger.add_endpoint(pg_store, receiver, org, "/all", ["order.created", "order.updated"])
@@ -159,16 +158,15 @@ async def test_cluster_node_failover_under_load(
     finally:
         await worker.close()
     tally = await ledger.tally(pg_store)
-    with capsys.disabled():
-        print(f"\n{tally.line()}")  # noqa: T201 - the scenario's result line
-        print(  # noqa: T201
-            f"leaders before: {leaders[topology.EVENTS_QUEUE]} (events), "
-            f"{leaders[topology.DELIVERIES_QUEUE]} (deliveries); "
-            f"stopped {leader.name} for {outage:.1f}s; "
-            f"leader after: {new_leaders[topology.EVENTS_QUEUE]}; worker connections on the "
-            f"other nodes: {moved}; probes during the failover: {probes}; "
-            f"load publish errors: {len(ledger.publish_errors)}"
-        )
+    figures(tally.line())
+    figures(
+        f"leaders before: {leaders[topology.EVENTS_QUEUE]} (events), "
+        f"{leaders[topology.DELIVERIES_QUEUE]} (deliveries); "
+        f"stopped {leader.name} for {outage:.1f}s; "
+        f"leader after: {new_leaders[topology.EVENTS_QUEUE]}; worker connections on the "
+        f"other nodes: {moved}; probes during the failover: {probes}; "
+        f"load publish errors: {len(ledger.publish_errors)}"
+    )
     await _check_outcome(ledger, tally, probes, survivor)
 
 

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from schemas.publish import publish_event
 from tests.chaos_support import SCALE, WorkerProcess, scaled, worker_env
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
+from tests.conftest import TEST_SECRET_KEY, Figures, Receiver, eventually
 from worker.pipeline.ordered import RECORD_AHEAD
 from worker.store import Store
 from worker.store.ordered import LEASE_CLASS
@@ -275,7 +275,7 @@ async def test_ordered_lane_survives_kill_9_across_three_workers(
     pg_store: Store,
     org: str,
     workers: list[WorkerProcess],
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     line = OrderedReceiver(fail={FAILING: FAILURES}, hold=KILL_AT)
     # Created before the workers start, so that each loads it as ordered at start-up.
@@ -327,14 +327,13 @@ async def test_ordered_lane_survives_kill_9_across_three_workers(
     duplicates = sum(n - 1 for n in received.values())
     # Sent by the killed worker and answered 200, but not recorded: what may be sent again.
     unrecorded = kill.successes - await _successes_recorded_before(pg_store, webhook.id, kill.wall)
-    with capsys.disabled():
-        print(  # noqa: T201 - the scenario's result line
-            f"\nchaos ordered_workers: scale={SCALE} workers={WORKERS} published={len(published)} "
-            f"delivered={len(received)} lost={len(set(published) - set(received))} "
-            f"duplicates={duplicates} unrecorded_at_kill={unrecorded} bound={DUPLICATE_BOUND} "
-            f"kill_at={kill.at - started:.1f}s resumed_after={kill.resumed_after:.1f}s "
-            f"requests={len(line.requests)} most_open={line.most_open}"
-        )
+    figures(
+        f"chaos ordered_workers: scale={SCALE} workers={WORKERS} published={len(published)} "
+        f"delivered={len(received)} lost={len(set(published) - set(received))} "
+        f"duplicates={duplicates} unrecorded_at_kill={unrecorded} bound={DUPLICATE_BOUND} "
+        f"kill_at={kill.at - started:.1f}s resumed_after={kill.resumed_after:.1f}s "
+        f"requests={len(line.requests)} most_open={line.most_open}"
+    )
 
     assert line.bad_signatures == 0
     assert line.most_open == 1, "two requests to the ordered endpoint were open at once"

@@ -288,6 +288,15 @@ async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncom
         (b'{"id": "evt_MARKER", "n": ' + b"9" * 5000 + b"}", "invalid_json"),
         (b'{"id": "evt_MARKER", "pad": "' + b"x" * 300_000 + b'"}', "oversize"),
     ],
+    ids=[
+        "bad-json",
+        "unknown-type",
+        "no-organization",
+        "not-utf8",
+        "too-deep",
+        "long-number",
+        "oversize",
+    ],
 )
 async def test_malformed_events_are_dead_lettered_and_delivery_continues(
     service: Service,

@@ -31,7 +31,14 @@ from aiohttp import web
 
 from schemas.publish import publish_event
 from tests.chaos_support import WorkerProcess, queues_idle, worker_env
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, make_settings, run_service
+from tests.conftest import (
+    TEST_SECRET_KEY,
+    Figures,
+    Receiver,
+    eventually,
+    make_settings,
+    run_service,
+)
 from worker import runtime
 from worker.pipeline import topology
 from worker.pipeline.worker import WORKER_COUNT_SECONDS
@@ -213,7 +220,7 @@ async def test_rate_limit_holds_across_three_workers_and_a_patch_applies(
     broker: AbstractRobustConnection,
     amqp_url: str,
     org: str,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     arrivals: list[float] = []
 
@@ -257,15 +264,14 @@ async def test_rate_limit_holds_across_three_workers_and_a_patch_applies(
         drained = await _delivered_within(store, webhook["id"], DRAIN_SECONDS)
     finally:
         ids = [r.headers.get("webhook-id", "") for r in receiver.at(PATH)]
-        with capsys.disabled():
-            print(  # noqa: T201 - the scenario's result line
-                f"\nrate-limit: workers={WORKERS} limit={LIMIT} measured={measured:.1f}/s "
-                f"(5 s windows {min(windows):.1f}-{max(windows):.1f}) | limit={LOWER_LIMIT} "
-                f"measured={lowered:.1f}/s from {APPLY_WITHIN_SECONDS:g}s after the PATCH, "
-                f"within it from {applied_after}s | published={len(published)} "
-                f"delivered={len(set(ids))} duplicates={len(ids) - len(set(ids))} "
-                f"left-at-lift={backlog_left} drained-in={time.monotonic() - lifted:.1f}s"
-            )
+        figures(
+            f"rate-limit: workers={WORKERS} limit={LIMIT} measured={measured:.1f}/s "
+            f"(5 s windows {min(windows):.1f}-{max(windows):.1f}) | limit={LOWER_LIMIT} "
+            f"measured={lowered:.1f}/s from {APPLY_WITHIN_SECONDS:g}s after the PATCH, "
+            f"within it from {applied_after}s | published={len(published)} "
+            f"delivered={len(set(ids))} duplicates={len(ids) - len(set(ids))} "
+            f"left-at-lift={backlog_left} drained-in={time.monotonic() - lifted:.1f}s"
+        )
     assert drained, f"not all delivered {DRAIN_SECONDS}s after the lift: " + str(
         {**await _states(store, webhook["id"]), **await _delayed(amqp_url)}
     )

@@ -49,7 +49,7 @@ from tests.chaos_support import (
     seed,
     worker_env,
 )
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually
+from tests.conftest import TEST_SECRET_KEY, Figures, Receiver, eventually
 from worker.pipeline.parking import ADOPT_SECONDS
 from worker.store import Store, database, tables
 from worker.store.crypto import SecretBox
@@ -169,7 +169,7 @@ async def _parked_ids(store: Store, webhook_id: str) -> set[str]:
 
 
 async def _settle(
-    ledger: Ledger, store: Store, amqp_url: str, timeout: float, capsys: pytest.CaptureFixture[str]
+    ledger: Ledger, store: Store, amqp_url: str, timeout: float, figures: Figures
 ) -> Tally:
     """Wait until every pair is delivered or recorded failed and the queues are empty, then
     tally and print the line."""
@@ -184,8 +184,7 @@ async def _settle(
         )
     finally:
         tally = await ledger.tally(store)
-        with capsys.disabled():
-            print(f"\n{tally.line()}")  # noqa: T201 - the scenario's result line
+        figures(tally.line())
     assert ledger.bad_signatures == 0
     assert tally.lost == 0, f"lost: {tally.lost_examples}"
     assert tally.unstored == 0, "a pair was delivered but not recorded as succeeded"
@@ -205,7 +204,7 @@ async def test_replicas_kill_9_takeover_and_pause(  # noqa: PLR0915 - one scenar
     org: str,
     ledger: Ledger,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     env = worker_env(
         postgres_url, amqp_url, ca_bundle,
@@ -260,14 +259,13 @@ async def test_replicas_kill_9_takeover_and_pause(  # noqa: PLR0915 - one scenar
         )
         takeover = time.monotonic() - killed_at
         await load
-        tally = await _settle(ledger, pg_store, amqp_url, ADOPT_SECONDS + 90, capsys)
+        tally = await _settle(ledger, pg_store, amqp_url, ADOPT_SECONDS + 90, figures)
         settled = time.monotonic() - killed_at
-        with capsys.disabled():
-            print(  # noqa: T201 - the scenario's measurements
-                f"replicas: parked at the kill={len(parked_at_kill)} released by the others "
-                f"within {takeover:.1f}s; every pair settled {settled:.1f}s after the kill; "
-                f"in flight at the kill={unrecorded_at_kill} duplicates={tally.duplicates}"
-            )
+        figures(
+            f"replicas: parked at the kill={len(parked_at_kill)} released by the others "
+            f"within {takeover:.1f}s; every pair settled {settled:.1f}s after the kill; "
+            f"in flight at the kill={unrecorded_at_kill} duplicates={tally.duplicates}"
+        )
         assert parked_at_kill, "the kill found no parked backlog to take over"
         assert tally.delivered + tally.failed == tally.pairs
         assert workers[0].starts == 1, "the killed worker was not restarted"
@@ -304,12 +302,11 @@ async def test_replicas_kill_9_takeover_and_pause(  # noqa: PLR0915 - one scenar
         in_flight = [a for a in paused_arrivals.at if a <= returned]
         late = sorted(a - returned for a in paused_arrivals.at if a > returned)
         skipped = sum(w.log_count(SKIPPED) for w in workers[1:]) - skipped_before
-        with capsys.disabled():
-            print(  # noqa: T201
-                f"pause: requests before the PATCH returned={len(in_flight)} after={len(late)} "
-                f"(latest +{max(late, default=0.0) * 1000:.0f} ms); "
-                f"attempts skipped by the workers afterwards={skipped}"
-            )
+        figures(
+            f"pause: requests before the PATCH returned={len(in_flight)} after={len(late)} "
+            f"(latest +{max(late, default=0.0) * 1000:.0f} ms); "
+            f"attempts skipped by the workers afterwards={skipped}"
+        )
         assert in_flight, "nothing was delivered to the endpoint before the pause"
         assert skipped > 0, "the pause met no pending work: it proved nothing"
         assert not [s for s in late if s > ON_THE_WIRE_SECONDS], late
@@ -396,7 +393,7 @@ async def test_postgres_restart_under_load(
     org: str,
     ledger: Ledger,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     admin = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{own_cluster.port}/postgres")
     try:
@@ -428,13 +425,12 @@ async def test_postgres_restart_under_load(
             assert worker.running, worker.tail()
         at_last_restart = len(receiver.received)
         await load
-        tally = await _settle(ledger, store, amqp_url, 90, capsys)
-        with capsys.disabled():
-            print(  # noqa: T201
-                f"postgres restart: {len(restarts)} fast restarts "
-                f"({', '.join(f'{s:.1f}s' for s in restarts)}); worker starts={worker.starts}; "
-                f"'database unreachable' logged {worker.log_count('database unreachable')}x"
-            )
+        tally = await _settle(ledger, store, amqp_url, 90, figures)
+        figures(
+            f"postgres restart: {len(restarts)} fast restarts "
+            f"({', '.join(f'{s:.1f}s' for s in restarts)}); worker starts={worker.starts}; "
+            f"'database unreachable' logged {worker.log_count('database unreachable')}x"
+        )
         assert worker.starts == 1
         assert len(receiver.received) > at_last_restart, "nothing delivered after the restart"
         assert tally.delivered == tally.pairs

@@ -46,7 +46,7 @@ from tests.chaos_support import (
     terminate_backends,
     worker_env,
 )
-from tests.conftest import TEST_SECRET_KEY, Receiver, eventually, fresh_postgres
+from tests.conftest import TEST_SECRET_KEY, Figures, Receiver, eventually, fresh_postgres
 from tests.test_replicas import ApiProcess
 from worker.store import Store, database
 from worker.store.crypto import SecretBox
@@ -194,7 +194,7 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
     receiver: Receiver,
     broker: AbstractRobustConnection,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    figures: Figures,
 ) -> None:
     ledger = Ledger("soak", seed())
     rng = random.Random(ledger.seed)
@@ -202,8 +202,7 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
     count = 1 + SCALE // 6
     plan = [order[i % len(order)] for i in range(count)]
     interval = DURATION / (count + 1)
-    with capsys.disabled():
-        print(f"\nchaos soak: seed={ledger.seed} scale={SCALE} fault order={plan}")  # noqa: T201
+    figures(f"chaos soak: seed={ledger.seed} scale={SCALE} fault order={plan}")
     async with fresh_postgres("sfw_soak") as url, AsyncExitStack() as stack:
         engine = database.create_engine(url)
         stack.push_async_callback(engine.dispose)
@@ -268,22 +267,21 @@ async def test_soak(  # noqa: PLR0915 - one scenario, told in order
         finally:
             tally = await ledger.tally(store)
             rss = {name: _windows(values) for name, values in samples.items()}
-            with capsys.disabled():
-                print(  # noqa: T201 - the scenario's result line
-                    f"chaos soak: seed={ledger.seed} scale={SCALE} duration={DURATION:.0f}s "
-                    f"published={tally.published} confirmed={tally.confirmed} "
-                    f"pairs={tally.pairs} delivered={tally.delivered} "
-                    f"recorded-failed={tally.failed} lost={tally.lost} "
-                    f"duplicates={tally.duplicates} ({tally.duplicate_ratio:.2%}) "
-                    f"faults={faults} "
-                    f"rss_worker_mb={rss['worker'][0]:.1f}->{rss['worker'][1]:.1f} "
-                    f"rss_api_mb={rss['api'][0]:.1f}->{rss['api'][1]:.1f}\n"
-                    f"soak rss by sixths (MiB): worker {_sixths(samples['worker'])}; "
-                    f"API {_sixths(samples['api'])}\n"
-                    f"soak details: {'; '.join(soak.notes)}; worker B starts={soak.b.starts}; "
-                    f"publish errors={len(ledger.publish_errors)}; API answers={dict(api_statuses)}"
-                    + (f"; lost e.g. {list(tally.lost_examples)}" if tally.lost else "")
-                )
+            figures(
+                f"chaos soak: seed={ledger.seed} scale={SCALE} duration={DURATION:.0f}s "
+                f"published={tally.published} confirmed={tally.confirmed} "
+                f"pairs={tally.pairs} delivered={tally.delivered} "
+                f"recorded-failed={tally.failed} lost={tally.lost} "
+                f"duplicates={tally.duplicates} ({tally.duplicate_ratio:.2%}) "
+                f"faults={faults} "
+                f"rss_worker_mb={rss['worker'][0]:.1f}->{rss['worker'][1]:.1f} "
+                f"rss_api_mb={rss['api'][0]:.1f}->{rss['api'][1]:.1f}\n"
+                f"soak rss by sixths (MiB): worker {_sixths(samples['worker'])}; "
+                f"API {_sixths(samples['api'])}\n"
+                f"soak details: {'; '.join(soak.notes)}; worker B starts={soak.b.starts}; "
+                f"publish errors={len(ledger.publish_errors)}; API answers={dict(api_statuses)}"
+                + (f"; lost e.g. {list(tally.lost_examples)}" if tally.lost else "")
+            )
         assert soak.a.running, soak.a.tail()
         assert soak.api.process.returncode is None, "the API process exited"
         codes = [await soak.b.terminate(), await soak.a.terminate()]
