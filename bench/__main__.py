@@ -18,7 +18,7 @@ from bench.harness import QUICK, Bench, Outcome, Sizes
 from bench.infra import Progress, postgres_database, tls_files, vhost
 from bench.load import EventPublisher
 from bench.otlp import run_otlp_sink, services_tracing
-from bench.procs import REPO_ROOT
+from bench.procs import REPO_ROOT, require_profiler
 from bench.receiver import run_receiver
 from bench.scenarios import NGINX_SCENARIOS, SCENARIOS
 from bench.sink import run_sink
@@ -233,6 +233,7 @@ async def _run(args: argparse.Namespace, names: list[str], sizes: Sizes, output:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    require_profiler()
     names = _selected(args.scenarios)
     sizes = _sizes(args)
     output = args.output or RESULTS_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}.json"

@@ -130,11 +130,24 @@ async def run_worker(
             await stop_process(proc, 30)
 
 
+PY_SPY = Path(sys.executable).with_name("py-spy")
+
+
+def require_profiler() -> None:
+    """Stop before anything starts when ``BENCH_PROFILE=1`` is set and py-spy is not installed
+    beside this interpreter: found missing at the first process, the run would die half set up."""
+    if PROFILE and not PY_SPY.exists():
+        raise SystemExit(
+            f"BENCH_PROFILE=1 samples with py-spy, which is not installed in this environment"
+            f" ({PY_SPY}): run {Path(sys.executable).with_name('pip')} install py-spy"
+        )
+
+
 async def _start_sampler(pid: int, log_path: Path) -> asyncio.subprocess.Process:
     """``py-spy record`` of process ``pid`` into ``<log_path>.stacks``, 250 samples a second,
     without pausing it (``--nonblocking``), so the figures it is measured by barely move."""
     return await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("py-spy")),
+        str(PY_SPY),
         "record",
         "--pid",
         str(pid),
