@@ -171,7 +171,7 @@ class CorePipelineWrites:
             )
         if prepared.opened:
             await connection.execute(
-                self._delivery_reopen(),
+                self._delivery_open(),
                 [
                     {
                         "event_id": e,
@@ -214,7 +214,7 @@ class CorePipelineWrites:
                 [{"run_id": w, "run_since": since} for w, since in prepared.started.items()],
             )
 
-    def _delivery_reopen(self) -> Any:  # noqa: ANN401 - a dialect-specific Insert
+    def _delivery_open(self) -> Any:  # noqa: ANN401 - a dialect-specific Insert
         """Open a delivery; one already there is left alone, unless it is ``pending`` and
         this write parks it (see :meth:`PipelineWrites.write_batch`)."""
         statement = self._insert(deliveries)
