@@ -58,10 +58,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Figures:
     """Report a line of a scenario's figures. It is kept with the test's report and listed in
-    the run's "figures" summary, also from xdist's workers, whose output is not shown."""
+    the run's "figures" summary, also from xdist's workers, whose output is not shown; it is
+    printed too, so that ``-n 0 -s`` shows it as it comes and a failure's output holds it."""
 
     def report(line: str) -> None:
         request.node.user_properties.append(("figures", line))
+        print(line)  # noqa: T201 - see above
 
     return report
 
