@@ -14,6 +14,7 @@ from alembic.runtime.migration import MigrationContext
 
 from tests.conftest import Receiver, Service
 from tests.test_events_api import _attempt, _events, _webhook
+from worker.pipeline.recovery import RecoveryRunner
 from worker.store import Store, recoveries
 from worker.store.records import DeliveryState
 from worker.store.tables import deliveries, metadata
@@ -54,6 +55,19 @@ async def _scenario(service: Service, receiver: Receiver) -> tuple[str, list[str
 # --- the store -------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def runner_leaves_recoveries_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's recovery runner does nothing: these tests advance recoveries through the
+    store themselves, and the runner, polling once a second, would move a batch of its own
+    in between whenever a test takes longer than that (on a busy machine)."""
+
+    async def idle(_runner: RecoveryRunner) -> int:
+        return 0
+
+    monkeypatch.setattr(RecoveryRunner, "step", idle)
+
+
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
 async def test_park_next_moves_the_failed_ones_batch_by_batch_and_resumes(
     service: Service, receiver: Receiver
 ) -> None:
@@ -102,6 +116,7 @@ async def test_park_next_moves_the_failed_ones_batch_by_batch_and_resumes(
     assert await store.recoveries.park_next(recovery.id, 2) == 0
 
 
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
 async def test_park_next_finishes_on_an_empty_batch(service: Service, receiver: Receiver) -> None:
     store = service.store
     webhook, _ids = await _scenario(service, receiver)
@@ -117,6 +132,7 @@ async def test_park_next_finishes_on_an_empty_batch(service: Service, receiver: 
     assert (finished.state, finished.queued) == ("done", 3)
 
 
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
 async def test_status_all_takes_every_settled_delivery_but_no_fresh_or_parked_one(
     service: Service, receiver: Receiver
 ) -> None:
@@ -129,6 +145,7 @@ async def test_status_all_takes_every_settled_delivery_but_no_fresh_or_parked_on
     assert await _states(store, webhook, ids) == ["parked"] * 3 + ["pending", "parked", "parked"]
 
 
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
 async def test_the_window_bounds_the_deliveries(service: Service, receiver: Receiver) -> None:
     store = service.store
     webhook, ids = await _scenario(service, receiver)
@@ -155,6 +172,7 @@ async def _rows(store: Store, query: sa.Select[Any]) -> list[sa.Row[Any]]:
         return list((await connection.execute(query)).all())
 
 
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
 async def test_the_same_window_while_it_runs_is_the_same_recovery(
     service: Service, receiver: Receiver
 ) -> None:
