@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from contextlib import AsyncExitStack
 
 import aio_pika
 import aiohttp
@@ -155,7 +154,7 @@ async def test_a_redelivered_event_whose_delivery_has_no_attempt_recorded_is_not
     # delivery must end up parked, for the sweeper or the ordered lane to send it: left
     # pending, with no attempt and no task, nothing would ever send it.
     settings = make_settings(database_url, amqp_url, ca_bundle)
-    async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+    async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         running = await stack.enter_async_context(run_service(settings, role="api"))
         _, token = await running.store.tokens.create(org, ("webhooks:manage",), "test")
         api = Service(running, http, token, org)
