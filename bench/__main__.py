@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--burst-events", type=int, help="events published at once in burst (default 10000)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="runs of each side where two are compared in turn, best counting (default 2)",
+    )
     parser.add_argument("--live-isolation-rate", type=float, help="events/s (default 200)")
     parser.add_argument("--live-isolation-seconds", type=float, help="seconds (default 20)")
     parser.add_argument(
@@ -119,6 +124,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         "live_isolation_rate": args.live_isolation_rate,
         "live_isolation_seconds": args.live_isolation_seconds,
         "query_attempts": args.query_attempts,
+        "rounds": args.rounds,
     }
     return dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
 

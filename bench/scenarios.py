@@ -33,6 +33,7 @@ from bench.processes import processes
 from bench.queries import queries
 from bench.rate_limit import rate_limit
 from bench.recovery import recovery
+from bench.tracing_cost import tracing
 from schemas.events import EVENT_TYPES
 from worker.store.endpoints import new_signing_secret
 
@@ -334,8 +335,18 @@ SCENARIOS: dict[str, Scenario] = {
     "ordered": ordered,
     "rate-limit": rate_limit,
     "processes": processes,
+    "tracing": tracing,
 }
 # The scenarios whose deliveries go to nginx (bench.sink) rather than the Python receiver.
 NGINX_SCENARIOS = frozenset(
-    {"ceiling", "throughput", "burst", "recovery", "ordered", "rate-limit", "processes"}
+    {
+        "ceiling",
+        "throughput",
+        "burst",
+        "recovery",
+        "ordered",
+        "rate-limit",
+        "processes",
+        "tracing",
+    }
 )

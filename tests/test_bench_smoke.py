@@ -29,6 +29,7 @@ SCENARIOS = (
     "ordered",
     "rate-limit",
     "processes",
+    "tracing",
 )
 # Counts whose target is zero: zero is the expected value, not a harness that measured nothing.
 MAY_BE_ZERO = ("deferrals at defaults, SQLite", "deferrals at defaults, PostgreSQL")
@@ -78,6 +79,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         "ordered",
         "rate-limit",
         "processes",
+        "tracing",
     }
     assert all(isinstance(f["passed"], bool) for f in targets)
     sinks = {f["scenario"]: f["sink"] for f in record["figures"]}

@@ -234,7 +234,7 @@ def test_the_comparison_sees_a_wrong_field(
 ) -> None:
     """The checks above could not pass an encoder that is wrong in one field."""
     wrong = {
-        "_KIND": dict.fromkeys(SpanKind, otlp._ONE_BYTE[1]),  # all INTERNAL
+        "_KIND": dict.fromkeys(SpanKind, b"\x30" + otlp._ONE_BYTE[1]),  # all INTERNAL
         "_REMOTE": otlp._LOCAL,  # a remote parent's flag lost
         "_FIXED64": lambda n: (n ^ 1).to_bytes(8, "little"),  # times off by a nanosecond
     }

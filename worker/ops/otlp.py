@@ -30,11 +30,12 @@ from opentelemetry.exporter.otlp.proto.http._common import (
 )
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
-from opentelemetry.trace import SpanContext, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _ONE_BYTE = [bytes((n,)) for n in range(128)]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # Span.kind: the API's SpanKind numbers from 0, the protocol's from 1 (0 is "unspecified").
-_KIND = {kind: _ONE_BYTE[kind.value + 1] for kind in SpanKind}
+_KIND = {kind: b"\x30" + _ONE_BYTE[kind.value + 1] for kind in SpanKind}
 # Span.flags and Link.flags: "has is_remote" always, "is remote" for a remote parent or target,
 # as the SDK sets them (it leaves the W3C trace flags out).
 _LOCAL = _FIXED32(0x100)
@@ -57,6 +58,10 @@ _KEYS_KEPT = 1024
 _BLOCKS_KEPT = 64
 # Mappings that iterate through the Mapping ABC's methods, in Python; their copy is a dict.
 _ABC_MAPPINGS = frozenset({MappingProxyType, BoundedAttributes})
+# What counts what it dropped: a span's attributes, events and links when limits applied.
+_BOUNDED = frozenset({BoundedAttributes, BoundedList})
+# Span.name, encoded, by name.
+_NAMES: dict[str, bytes] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -144,48 +149,98 @@ def _flags(context: SpanContext | None) -> bytes:
     return _REMOTE if context is not None and context.is_remote else _LOCAL
 
 
+def _dropped(bounded: object) -> int:
+    return int(bounded.dropped) if type(bounded) in _BOUNDED else 0  # type: ignore[attr-defined]
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.context
     if context is None:
         raise TypeError("a span without a context")  # not recorded: the SDK's encoder decides
-    parts = [
-        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-    ]
+    if type(span) is ReadableSpan:
+        # The SDK's own class: its fields as they are, without the copies its properties make
+        # (a mapping proxy, tuples), which cost more than writing a span without them.
+        attributes, events, links = span._attributes, span._events, span._links  # noqa: SLF001
+        dropped = (_dropped(attributes), _dropped(events), _dropped(links))
+    else:
+        attributes, events, links = span.attributes, span.events, span.links
+        dropped = (span.dropped_attributes, span.dropped_events, span.dropped_links)
+    out: bytes = b"\x0a\x10" + context.trace_id.to_bytes(16, "big")
+    out += b"\x12\x08" + context.span_id.to_bytes(8, "big")
     if context.trace_state:
         state = ",".join([f"{key}={value}" for key, value in context.trace_state.items()])
-        parts.append(_delimited(b"\x1a", state.encode()))
+        out += _delimited(b"\x1a", state.encode())
     parent = span.parent
     if parent is not None:
-        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_delimited(b"\x2a", span.name.encode()))
-    parts.append(b"\x30" + _KIND[span.kind])
-    if span.start_time:
-        parts.append(b"\x39" + _FIXED64(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _FIXED64(span.end_time))
-    parts += (_attributes(b"\x4a", span.attributes), _count(b"\x50", span.dropped_attributes))
-    for event in span.events:
+        out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+    name = span.name
+    if name:
+        out += _NAMES.get(name) or _name(name)
+    out += _KIND[span.kind]
+    start, end = span.start_time, span.end_time
+    if start:
+        out += b"\x39" + _FIXED64(start)
+    if end:
+        out += b"\x41" + _FIXED64(end)
+    out += _contents(attributes, events, links, dropped)
+    status = span.status
+    if status is not None and status.status_code is not StatusCode.UNSET:
+        body = _delimited(b"\x12", status.description.encode()) if status.description else b""
+        out += _delimited(b"\x7a", body + b"\x18" + _varint(status.status_code.value))
+    elif status is not None:
+        out += b"\x7a\x00"
+    out += b"\x85\x01" + _flags(parent)
+    return b"\x12" + _varint(len(out)) + out  # as ScopeSpans.spans
+
+
+def _contents(
+    attributes: Mapping[str, object] | None,
+    events: Sequence[Event],
+    links: Sequence[Link],
+    dropped: tuple[int, int, int],
+) -> bytes:
+    """Span fields 9 to 14: attributes, events and links, each with the count it dropped."""
+    out = _attributes(b"\x4a", attributes) if attributes else b""
+    if dropped[0]:
+        out += b"\x50" + _varint(dropped[0])
+    if events:
+        out += _events(events)
+    if dropped[1]:
+        out += b"\x60" + _varint(dropped[1])
+    if links:
+        out += _links(links)
+    if dropped[2]:
+        out += b"\x70" + _varint(dropped[2])
+    return out
+
+
+def _name(name: str) -> bytes:
+    """Span.name (field 5), kept: a process names its spans with few names."""
+    if len(_NAMES) >= _KEYS_KEPT:
+        _NAMES.clear()
+    encoded = _NAMES[name] = _delimited(b"\x2a", name.encode())
+    return encoded
+
+
+def _events(events: Sequence[Event]) -> bytes:
+    out = b""
+    for event in events:
         body = b"\x09" + _FIXED64(event.timestamp) if event.timestamp else b""
         body += _delimited(b"\x12", event.name.encode()) if event.name else b""
         body += _attributes(b"\x1a", event.attributes) + _count(b"\x20", event.dropped_attributes)
-        parts.append(_delimited(b"\x5a", body))
-    parts.append(_count(b"\x60", span.dropped_events))
-    for link in span.links:
+        out += _delimited(b"\x5a", body)
+    return out
+
+
+def _links(links: Sequence[Link]) -> bytes:
+    out = b""
+    for link in links:
         # No trace_state (field 3): the SDK's encoder does not write a link's either.
         body = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
         body += b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
         body += _attributes(b"\x22", link.attributes) + _count(b"\x28", link.dropped_attributes)
-        parts.append(_delimited(b"\x6a", body + b"\x35" + _flags(link.context)))
-    parts.append(_count(b"\x70", span.dropped_links))
-    status = span.status
-    if status is not None:
-        body = _delimited(b"\x12", status.description.encode()) if status.description else b""
-        code = status.status_code.value
-        parts.append(_delimited(b"\x7a", body + (b"\x18" + _varint(code) if code else b"")))
-    parts.append(b"\x85\x01" + _flags(parent))
-    return _delimited(b"\x12", b"".join(parts))  # as ScopeSpans.spans
+        out += _delimited(b"\x6a", body + b"\x35" + _flags(link.context))
+    return out
 
 
 class Encoder:

@@ -32,6 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
@@ -39,6 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from worker import __version__
 from worker.ops.otlp import SpanExporter
+from worker.ops.spans import OpenSpan, SpanMaker
 from worker.settings import Settings
 
 # W3C headers, in AMQP messages and HTTP requests alike: a trace's context and nothing else.
@@ -180,36 +182,44 @@ class Traced:
     ``children``: spans of this process will continue ``headers`` (a fan-out's attempts), so
     the context they parse to is remembered; an attempt's only go out with its request.
 
-    The span's attributes are gathered here and handed to it in one call as it ends: the SDK
-    takes a lock and cleans the values on every call, and nothing reads them before the end
-    (the SDK's own samplers, which ``OTEL_TRACES_SAMPLER`` chooses from, do not look at them).
+    The span's attributes are gathered here and handed over as it ends (:mod:`worker.ops.spans`:
+    nothing reads them before, the SDK's samplers included).
     """
 
-    __slots__ = ("_attributes", "_children", "_span", "_start", "_token", "headers", "parent")
+    __slots__ = (
+        "_attributes", "_children", "_kind", "_maker", "_name", "_span", "_token", "headers",
+        "parent",
+    )  # fmt: skip
 
     def __init__(
         self,
         parent: Carrier | None,
-        start: Callable[[], Span] | None = None,
+        maker: SpanMaker | None = None,
+        name: str = "",
+        kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict[str, str | int] | None = None,
         *,
         children: bool = False,
     ) -> None:
         self.parent = parent
         self.headers = parent
-        self._start = start
+        self._maker = maker
+        self._name = name
+        self._kind = kind
         self._attributes = {} if attributes is None else attributes
         self._children = children
-        self._span: Span | None = None
+        self._span: OpenSpan | None = None
         self._token: Token[Context] | None = None
 
     def __enter__(self) -> Self:
-        if self._start is not None:
-            span = self._span = self._start()
-            # Attached by hand rather than with start_as_current_span: the same, without the
-            # generator-based context manager that costs more than the span itself.
-            self._token = otel_context.attach(trace.set_span_in_context(span))
-            context = span.get_span_context()
+        if self._maker is not None:
+            parent = self.parent
+            span = self._span = self._maker.start(
+                self._name, self._kind, context_of(parent) if parent else None
+            )
+            context = span.context
+            # Current as a span of the API's, for log lines and a child's parent.
+            self._token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context)))
             self.headers = carrier_of(context) if self._children else _headers(context)
         return self
 
@@ -220,17 +230,16 @@ class Traced:
         tb: TracebackType | None,
     ) -> None:
         span = self._span
-        if span is None:
+        if span is None or self._maker is None:
             return
-        if exc_type is not None:
-            # The type only: the message may quote a URL or a statement's parameters.
-            self._attributes[ERROR_TYPE] = exc_type.__qualname__
-            span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
-        if self._attributes:
-            span.set_attributes(self._attributes)
         if self._token is not None:
             otel_context.detach(self._token)
-        span.end()
+        if exc_type is None:
+            self._maker.end(span, self._attributes)
+            return
+        # The type only: the message may quote a URL or a statement's parameters.
+        self._attributes[ERROR_TYPE] = exc_type.__qualname__
+        self._maker.end(span, self._attributes, Status(StatusCode.ERROR, exc_type.__qualname__))
 
     def fanned_out(self, event_id: str, event_type: str, endpoints: int) -> None:
         if self._span is not None:
@@ -252,6 +261,7 @@ class Tracing:
         self.provider = provider
         self.on = provider is not None
         self._tracer = provider.get_tracer(TRACER_NAME, __version__) if provider else None
+        self._spans = SpanMaker(self._tracer) if isinstance(self._tracer, SdkTracer) else None
 
     def incoming(self, headers: Mapping[str, Any] | None) -> Carrier | None:
         """The context a message carries, if any (see :func:`carrier_from`)."""
@@ -262,17 +272,16 @@ class Tracing:
     def fanout(self, headers: Mapping[str, Any] | None) -> Traced:
         """The span of one event's fan-out, continuing the publisher's context."""
         parent = self.incoming(headers)
-        if self._tracer is None:
+        if self._spans is None:
             return Traced(parent)
-        start = _start(self._tracer, "webhooks fan-out", SpanKind.CONSUMER, parent)
-        return Traced(parent, start, children=True)
+        return Traced(parent, self._spans, "webhooks fan-out", SpanKind.CONSUMER, children=True)
 
     def attempt(
         self, event: Mapping[str, Any], webhook_id: str, number: int, parent: Carrier | None
     ) -> Traced:
         """The span of one attempt; without ``parent``, a child of the current span (an API
         request's) or the root of a trace of its own (a parked or recovered delivery's)."""
-        if self._tracer is None:
+        if self._spans is None:
             return Traced(parent)
         attributes: dict[str, str | int] = {
             EVENT_ID: str(event["id"]),
@@ -281,8 +290,7 @@ class Tracing:
             ATTEMPT: number,
             METHOD: "POST",
         }
-        start = _start(self._tracer, "webhooks attempt", SpanKind.CLIENT, parent)
-        return Traced(parent, start, attributes)
+        return Traced(parent, self._spans, "webhooks attempt", SpanKind.CLIENT, attributes)
 
     def middlewares(self, prefix: str) -> list[Middleware]:
         """The API's tracing middleware (none without a tracer): one span per request under
@@ -333,22 +341,6 @@ class Tracing:
         )
         closing.start()
         closing.join(timeout)
-
-
-def _start(
-    tracer: trace.Tracer,
-    name: str,
-    kind: SpanKind,
-    parent: Carrier | None,
-) -> Callable[[], Span]:
-    """Starts the span when :class:`Traced` enters; errors are recorded by type there."""
-    return lambda: tracer.start_span(
-        name,
-        context=context_of(parent) if parent else None,
-        kind=kind,
-        record_exception=False,
-        set_status_on_exception=False,
-    )
 
 
 def _answered(span: Span, status: int) -> None:
