@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags, TraceS
 
 from worker.ops import tracing
 from worker.ops.spans import SpanMaker
-from worker.ops.tracing import Tracing, context_of
+from worker.ops.tracing import Tracing, context_of, parent_of
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +57,7 @@ def _both(
         sdk.set_status(status)
     sdk.end()
     maker = SpanMaker(tracer)  # type: ignore[arg-type]
-    ours = maker.start("webhooks attempt", SpanKind.CLIENT, context)
+    ours = maker.start("webhooks attempt", SpanKind.CLIENT, parent_of(carrier) if carrier else None)
     maker.end(ours, dict(ATTRIBUTES), *([status] if status else []))
     (theirs, mine) = exporter.get_finished_spans()
     return theirs, mine

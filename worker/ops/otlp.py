@@ -55,6 +55,10 @@ _REMOTE = _FIXED32(0x300)
 # An encoded attribute key (KeyValue.key, field 1), by key: a process uses few keys, often.
 _KEYS: dict[str, bytes] = {}
 _KEYS_KEPT = 1024
+# Encoded attributes (KeyValue fields with their tag), by tag, key, type and value: most of a
+# span's repeat from span to span (an event type, an endpoint, an outcome, a status code).
+_PAIRS: dict[tuple[bytes, str, type, object], bytes] = {}
+_PAIRS_KEPT = 4096
 _BLOCKS_KEPT = 64
 # Mappings that iterate through the Mapping ABC's methods, in Python; their copy is a dict.
 _ABC_MAPPINGS = frozenset({MappingProxyType, BoundedAttributes})
@@ -118,27 +122,45 @@ def _attributes(tag: bytes, attributes: Mapping[str, object] | None) -> bytes:
         return b""
     if type(attributes) in _ABC_MAPPINGS:
         attributes = attributes.copy()  # type: ignore[attr-defined]
-    keys, out = _KEYS, []
+    pairs, out = _PAIRS, []
     for key, value in attributes.items():
-        head = keys.get(key)  # KeyValue.key, and the tag of KeyValue.value
-        if head is None:
-            if len(keys) >= _KEYS_KEPT:
-                keys.clear()  # keys that vary without bound: each is encoded again, that is all
-            head = keys[key] = _delimited(b"\x0a", key.encode()) + b"\x12"
-        if type(value) is str:
-            text = value.encode()
-            n = len(text)
-            # Lengths under 128 are one byte: AnyValue's and KeyValue.value's alike.
-            if n < 126:
-                body = head + bytes((n + 2, 0x0A, n)) + text
-            else:
-                body = head + _delimited(b"", _delimited(b"\x0a", text))
-        elif type(value) is int and 0 <= value < 0x80:
-            body = head + b"\x02\x18" + _ONE_BYTE[value]
-        else:
-            body = head + _delimited(b"", _value(value))
-        out.append(tag + _varint(len(body)) + body)
+        kind = type(value)
+        # By type as well: True == 1, and they are written differently.
+        remembered = kind is str or kind is int
+        if remembered:
+            field = pairs.get((tag, key, kind, value))
+            if field is not None:
+                out.append(field)
+                continue
+        field = _pair(tag, key, value)
+        if remembered:
+            if len(pairs) >= _PAIRS_KEPT:
+                pairs.clear()  # unique values (event ids) fill it; the common ones come back
+            pairs[tag, key, kind, value] = field
+        out.append(field)
     return b"".join(out)
+
+
+def _pair(tag: bytes, key: str, value: object) -> bytes:
+    """One KeyValue field with ``tag``; no calls for a short string or a small integer."""
+    head = _KEYS.get(key)  # KeyValue.key, and the tag of KeyValue.value
+    if head is None:
+        if len(_KEYS) >= _KEYS_KEPT:
+            _KEYS.clear()  # keys that vary without bound: each is encoded again, that is all
+        head = _KEYS[key] = _delimited(b"\x0a", key.encode()) + b"\x12"
+    if type(value) is str:
+        text = value.encode()
+        n = len(text)
+        # Lengths under 128 are one byte: AnyValue's and KeyValue.value's alike.
+        if n < 126:
+            body = head + bytes((n + 2, 0x0A, n)) + text
+        else:
+            body = head + _delimited(b"", _delimited(b"\x0a", text))
+    elif type(value) is int and 0 <= value < 0x80:
+        body = head + b"\x02\x18" + _ONE_BYTE[value]
+    else:
+        body = head + _delimited(b"", _value(value))
+    return tag + _varint(len(body)) + body
 
 
 def _count(tag: bytes, count: int) -> bytes:

@@ -37,6 +37,15 @@ _MOST_ATTRIBUTES = 8
 _UNSET = Status()
 _SAMPLE = Decision.RECORD_AND_SAMPLE
 _DROP = Decision.DROP
+# A span's trace flags, by (sampled, random trace id).
+_FLAGS = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
 
 
 @dataclass(slots=True)
@@ -73,10 +82,14 @@ class SpanMaker:
         )
         self._limits = limits
 
-    def start(self, name: str, kind: SpanKind, context: Context | None) -> OpenSpan:
-        """A span, child of the span current in ``context`` (or in the current context when
-        None, as the SDK does), sampled by the provider's sampler."""
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+    def start(self, name: str, kind: SpanKind, parent: SpanContext | None) -> OpenSpan:
+        """A span, child of ``parent`` (when None, of the current span if there is one, as
+        the SDK does without a context), sampled by the provider's sampler."""
+        context: Context | None = None
+        if parent is None:
+            parent = trace.get_current_span().get_span_context()
+        elif not self._parent_based_on:
+            context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
         if parent is None or not parent.is_valid:
             parent = None
             trace_id = self._ids.generate_trace_id()
@@ -94,14 +107,11 @@ class SpanMaker:
             decision = self._sampler.should_sample(context, trace_id, name, kind)
             sampled, recording = decision.decision is _SAMPLE, decision.decision is not _DROP
             state, added = decision.trace_state, decision.attributes or None
-        flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
-        if random_id:
-            flags |= TraceFlags.RANDOM_TRACE_ID
         own = SpanContext(
             trace_id,
             self._ids.generate_span_id(),
             is_remote=False,
-            trace_flags=TraceFlags(flags),
+            trace_flags=_FLAGS[sampled, random_id],
             trace_state=state,
         )
         return OpenSpan(name, kind, own, parent, time_ns(), recording, added)

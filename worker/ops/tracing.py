@@ -104,32 +104,39 @@ def carrier_from(headers: Mapping[str, Any] | None) -> Carrier | None:
     if state and state.isprintable() and len(state) <= 512:
         carrier[TRACESTATE] = state
     # The shape allows what the standard does not (an all-zero id, version ff): parse it.
-    if not trace.get_current_span(context_of(carrier)).get_span_context().is_valid:
+    if not parent_of(carrier).is_valid:
         return None
     return carrier
 
 
-# Contexts of the carriers met lately. An event's context is parsed where its message is
+# The span contexts of the carriers met lately. An event's is parsed where its message is
 # read and needed again where its span starts, and a fan-out's is needed by each attempt it
 # makes: parsing a traceparent costs about as much as starting a span.
-_CONTEXTS: dict[tuple[str, str | None], Context] = {}
-_CONTEXTS_KEPT = 4096
+_PARENTS: dict[tuple[str, str | None], SpanContext] = {}
+_PARENTS_KEPT = 4096
+
+
+def parent_of(carrier: Carrier) -> SpanContext:
+    """The (remote) span context that W3C headers carry, as the propagator extracts it;
+    invalid when they carry none."""
+    key = (carrier[TRACEPARENT], carrier.get(TRACESTATE))
+    parent = _PARENTS.get(key)
+    if parent is None:
+        extracted = trace.get_current_span(_W3C.extract(carrier)).get_span_context()
+        parent = _remember(key, extracted)
+    return parent
 
 
 def context_of(carrier: Carrier) -> Context:
     """The context that W3C headers carry, as the propagator extracts it."""
-    key = (carrier[TRACEPARENT], carrier.get(TRACESTATE))
-    context = _CONTEXTS.get(key)
-    if context is None:
-        context = _remember(key, _W3C.extract(carrier))
-    return context
+    return trace.set_span_in_context(NonRecordingSpan(parent_of(carrier)))
 
 
-def _remember(key: tuple[str, str | None], context: Context) -> Context:
-    if len(_CONTEXTS) >= _CONTEXTS_KEPT:
-        _CONTEXTS.clear()  # cheaper than keeping an order; the next ones are parsed again
-    _CONTEXTS[key] = context
-    return context
+def _remember(key: tuple[str, str | None], parent: SpanContext) -> SpanContext:
+    if len(_PARENTS) >= _PARENTS_KEPT:
+        _PARENTS.clear()  # cheaper than keeping an order; the next ones are parsed again
+    _PARENTS[key] = parent
+    return parent
 
 
 def _text(value: object) -> str | None:
@@ -148,10 +155,10 @@ def current_carrier() -> Carrier:
     return carrier
 
 
-def carrier_of(context: SpanContext) -> Carrier:
+def carrier_of(context: SpanContext, trace_hex: str | None = None) -> Carrier:
     """The W3C headers of a span, as :func:`current_carrier` would give them while it is
     current, formatted directly; what they parse to is remembered for its children."""
-    carrier = _headers(context)
+    carrier = _headers(context, trace_hex)
     remote = SpanContext(
         context.trace_id,
         context.span_id,
@@ -159,13 +166,15 @@ def carrier_of(context: SpanContext) -> Carrier:
         trace_flags=context.trace_flags,
         trace_state=context.trace_state,
     )
-    key = (carrier[TRACEPARENT], carrier.get(TRACESTATE))
-    _remember(key, trace.set_span_in_context(NonRecordingSpan(remote)))
+    _remember((carrier[TRACEPARENT], carrier.get(TRACESTATE)), remote)
     return carrier
 
 
-def _headers(context: SpanContext) -> Carrier:
-    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+def _headers(context: SpanContext, trace_hex: str | None = None) -> Carrier:
+    """``trace_hex``: the trace id as the parent's traceparent writes it, if there is one."""
+    if trace_hex is None:
+        trace_hex = f"{context.trace_id:032x}"
+    parent = f"00-{trace_hex}-{context.span_id:016x}-{context.trace_flags:02x}"
     carrier = {TRACEPARENT: parent}
     state = context.trace_state.to_header() if context.trace_state else None
     if state:
@@ -214,13 +223,19 @@ class Traced:
     def __enter__(self) -> Self:
         if self._maker is not None:
             parent = self.parent
-            span = self._span = self._maker.start(
-                self._name, self._kind, context_of(parent) if parent else None
-            )
+            if parent is None:
+                span = self._span = self._maker.start(self._name, self._kind, None)
+                trace_hex = None
+            else:
+                span = self._span = self._maker.start(self._name, self._kind, parent_of(parent))
+                trace_hex = parent[TRACEPARENT][3:35]  # the span's trace is its parent's
             context = span.context
             # Current as a span of the API's, for log lines and a child's parent.
             self._token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context)))
-            self.headers = carrier_of(context) if self._children else _headers(context)
+            if self._children:
+                self.headers = carrier_of(context, trace_hex)
+            else:
+                self.headers = _headers(context, trace_hex)
         return self
 
     def __exit__(
