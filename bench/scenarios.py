@@ -62,6 +62,8 @@ async def ceiling(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
     events = wire_events(order_event("org_bench_ceiling", n=i) for i in range(bench.sizes.events))
     say(f"{len(events)} POSTs, {bench.concurrency} at a time, bare aiohttp client, to nginx")
     before = await sink.requests()
+    # The harness does nothing else meanwhile: its CPU is the client's.
+    cpu_before = time.process_time()
     ok, failed, seconds = await bare_client(
         sink.url("/ceiling"),
         bench.tls.ca,
@@ -69,8 +71,10 @@ async def ceiling(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
         events,
         bench.concurrency,
     )
+    cpu_ms = (time.process_time() - cpu_before) * 1000 / ok if ok else None
     received = await sink.requests() - before
     outcome.add("deliveries/s", ok / seconds if ok else None, "/s")
+    outcome.add("client CPU per delivery", cpu_ms, "ms")
     outcome.details = {
         "requests": len(events),
         "succeeded": ok,
@@ -82,7 +86,7 @@ async def ceiling(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
     outcome.notes.append(
         "the worker's signed payloads, concurrency = DELIVERY_CONCURRENCY, to nginx over HTTPS "
         "(return 200, access_log off), so the figure is the client's limit; the client runs in "
-        "the harness process"
+        "the harness process, whose CPU meanwhile is the client's CPU per delivery"
     )
     return outcome
 
@@ -106,9 +110,13 @@ async def throughput(bench: Bench, done: dict[str, Outcome]) -> Outcome:
     )
     received = await sink.requests() - before
     ceiling_rate = done["ceiling"].value("deliveries/s") if "ceiling" in done else None
+    client_ms = done["ceiling"].value("client CPU per delivery") if "ceiling" in done else None
     outcome.add("deliveries/s", per_second, "/s")
     outcome.add("ratio to ceiling", ratio(per_second, ceiling_rate), "x", at_least=0.30)
     outcome.add("worker CPU per delivery", cpu_ms, "ms")
+    # The same machine's cost of a bare request, moments apart: steadier than either figure
+    # alone when the machine's speed drifts.
+    outcome.add("worker CPU over the client's", ratio(cpu_ms, client_ms), "x")
     outcome.details = {
         "events": len(envelopes),
         "attempts": count.total,
