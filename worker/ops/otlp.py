@@ -223,16 +223,13 @@ def _contents(
 ) -> bytes:
     """Span fields 9 to 14: attributes, events and links, each with the count it dropped."""
     out = _attributes(b"\x4a", attributes) if attributes else b""
-    if dropped[0]:
-        out += b"\x50" + _varint(dropped[0])
+    out += _count(b"\x50", dropped[0])
     if events:
         out += _events(events)
-    if dropped[1]:
-        out += b"\x60" + _varint(dropped[1])
+    out += _count(b"\x60", dropped[1])
     if links:
         out += _links(links)
-    if dropped[2]:
-        out += b"\x70" + _varint(dropped[2])
+    out += _count(b"\x70", dropped[2])
     return out
 
 

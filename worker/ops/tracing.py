@@ -127,11 +127,6 @@ def parent_of(carrier: Carrier) -> SpanContext:
     return parent
 
 
-def context_of(carrier: Carrier) -> Context:
-    """The context that W3C headers carry, as the propagator extracts it."""
-    return trace.set_span_in_context(NonRecordingSpan(parent_of(carrier)))
-
-
 def _remember(key: tuple[str, str | None], parent: SpanContext) -> SpanContext:
     if len(_PARENTS) >= _PARENTS_KEPT:
         _PARENTS.clear()  # cheaper than keeping an order; the next ones are parsed again
@@ -230,7 +225,8 @@ class Traced:
                 span = self._span = self._maker.start(self._name, self._kind, parent_of(parent))
                 trace_hex = parent[TRACEPARENT][3:35]  # the span's trace is its parent's
             context = span.context
-            # Current as a span of the API's, for log lines and a child's parent.
+            # Made current, so that log lines name it and a span started beneath it without a
+            # parent of its own is its child.
             self._token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(context)))
             if self._children:
                 self.headers = carrier_of(context, trace_hex)
