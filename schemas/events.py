@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 EventType = Literal[
     "order.created",
@@ -57,6 +57,15 @@ class EventEnvelope(BaseModel):
     )
     occurred_at: AwareDatetime = Field(description="When it happened, RFC 3339 with an offset.")
     data: dict[str, Any] = Field(description="The domain object, forwarded as is.")
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _text_not_number(cls, value: object) -> object:
+        # Pydantic would read a number as Unix seconds; the payload forwards ``occurred_at``
+        # as published, as its ``timestamp``, and that must be RFC 3339 text.
+        if isinstance(value, int | float):
+            raise ValueError("must be an RFC 3339 string, not a number")  # noqa: TRY004
+        return value
 
 
 def envelope_json_schema() -> dict[str, Any]:

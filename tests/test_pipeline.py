@@ -287,6 +287,20 @@ async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncom
         (b'{"id": "evt_MARKER", "d": ' + b"[" * 100 + b"]" * 100 + b"}", "too_deep"),
         (b'{"id": "evt_MARKER", "n": ' + b"9" * 5000 + b"}", "invalid_json"),
         (b'{"id": "evt_MARKER", "pad": "' + b"x" * 300_000 + b'"}', "oversize"),
+        (
+            (
+                b'{"id": "evt_MARKER", "type": "order.created", "organization_id": "ORG",'
+                b' "occurred_at": "2026-01-01T00:00:00Z", "data": {"total": NaN}}'
+            ),
+            "invalid_json",
+        ),
+        (
+            (
+                b'{"id": "evt_MARKER", "type": "order.created", "organization_id": "ORG",'
+                b' "occurred_at": 1767225600, "data": {}}'
+            ),
+            "invalid_envelope",
+        ),
     ],
     ids=[
         "bad-json",
@@ -296,6 +310,8 @@ async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncom
         "too-deep",
         "long-number",
         "oversize",
+        "not-a-number",
+        "numeric-time",
     ],
 )
 async def test_malformed_events_are_dead_lettered_and_delivery_continues(
@@ -310,9 +326,10 @@ async def test_malformed_events_are_dead_lettered_and_delivery_continues(
     marker = f"evt_{os.urandom(6).hex()}"
     channel = await broker.channel()
     exchange = await channel.get_exchange(topology.EVENTS_EXCHANGE)
-    await exchange.publish(
-        aio_pika.Message(body.replace(b"evt_MARKER", marker.encode())), routing_key="order.created"
-    )
+    # ORG: the service's organization, whose endpoint the event would reach if it were taken.
+    body = body.replace(b"evt_MARKER", marker.encode())
+    body = body.replace(b'"ORG"', f'"{service.org}"'.encode())
+    await exchange.publish(aio_pika.Message(body), routing_key="order.created")
     good = await publish_event(broker, "order.created", service.org, {})
     await receiver.wait_for(lambda r: any(x.headers["webhook-id"] == good.id for x in r))
     dead = await _dead_letter(amqp_url, marker)

@@ -9,6 +9,7 @@ import pytest
 import standardwebhooks
 
 from worker.pipeline import signing
+from worker.pipeline.sender import payload_body
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +61,23 @@ def test_body_change_breaks_signature() -> None:
     assert not signing.verify(
         SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY + b" ", SPEC_SIGNATURE
     )
+
+
+def test_payload_body_is_compact_utf8_json_of_id_type_timestamp_and_data() -> None:
+    event = {
+        "id": "evt_1",
+        "type": "order.created",
+        "organization_id": "org_a",
+        "occurred_at": "2026-01-01T00:00:00+01:00",
+        "data": {"name": "Zoë ✓", "total": 12.5, "lines": [{"sku": "A", "n": 2}], "x": None},
+    }
+    body = payload_body(event)
+    assert (
+        body
+        == (
+            '{"id":"evt_1","type":"order.created","timestamp":"2026-01-01T00:00:00+01:00",'
+            '"data":{"name":"Zoë ✓","total":12.5,"lines":[{"sku":"A","n":2}],"x":null}}'
+        ).encode()
+    )
+    # Every call alike: the encoder made once keeps no state between payloads.
+    assert payload_body(event) == body

@@ -60,6 +60,12 @@ def _depth(value: Any, limit: int) -> int:  # noqa: ANN401 - any JSON value
     return depth
 
 
+def _not_a_number(constant: str) -> Any:  # noqa: ANN401 - json.loads' hook
+    """``NaN`` and ``Infinity``, which Python's decoder takes and JSON does not: neither a
+    receiver's parser nor PostgreSQL's ``json`` type would take the event either."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, Any]]:
     """Validate an event body; return the envelope and the JSON object as received.
 
@@ -68,7 +74,7 @@ def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, A
     if len(body) > max_bytes:
         raise RejectedEventError("oversize", f"{len(body)} bytes; the limit is {max_bytes}")
     try:
-        raw = json.loads(body.decode("utf-8"))
+        raw = json.loads(body.decode("utf-8"), parse_constant=_not_a_number)
     except UnicodeDecodeError as exc:
         raise RejectedEventError("invalid_encoding", f"not UTF-8: {exc}") from None
     except RecursionError:
@@ -156,7 +162,7 @@ class FanOut:
             o.webhook_id for o in offers if o.decision and o.decision.route is Route.PARK
         )
         stored = self._writer.submit(
-            NewEvent(raw, envelope.occurred_at, tuple(webhook_ids), parked)
+            NewEvent(raw, envelope.occurred_at, tuple(webhook_ids), parked, body.decode())
         )
         if parked:
             self._metrics.deliveries_published.labels(envelope.type, "parked").inc(len(parked))

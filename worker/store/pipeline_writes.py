@@ -11,6 +11,7 @@ write one batch through each and compare the rows they leave.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent, utcnow
 from worker.store.tables import attempts, deliveries, events, webhooks
 
-# An event: its id, org_id, type, occurred_at, payload and received_at.
-EventRow = tuple[str, str, str, datetime, dict[str, Any], datetime]
+# An event: its id, org_id, type, occurred_at, payload (JSON text) and received_at.
+EventRow = tuple[str, str, str, datetime, str, datetime]
 # A delivery an event opens, with no attempt yet: event_id, webhook_id, state and created_at
 # (its event's received_at).
 OpenedRow = tuple[str, str, DeliveryState, datetime]
@@ -80,11 +81,13 @@ def prepare(batch: Sequence[NewEvent | AttemptRecord]) -> PreparedBatch:
         # Each event of the batch a microsecond after the one before: the order the worker
         # received them in stays the order of their times (ordered endpoints go by it).
         received = now + timedelta(microseconds=len(event_rows))
-        event_rows.setdefault(
-            event["id"],
-            (event["id"], event["organization_id"], event["type"], item.occurred_at, event,
-             received),
-        )  # fmt: skip
+        if event["id"] not in event_rows:
+            # The text it arrived in, if it did: the same JSON, without encoding it again.
+            payload = json.dumps(event) if item.text is None else item.text
+            event_rows[event["id"]] = (
+                event["id"], event["organization_id"], event["type"], item.occurred_at, payload,
+                received,
+            )  # fmt: skip
         for webhook_id in item.webhook_ids:
             state: DeliveryState = "parked" if webhook_id in item.parked else "pending"
             opened.setdefault((event["id"], webhook_id), (event["id"], webhook_id, state, received))
@@ -150,20 +153,26 @@ class CorePipelineWrites:
             await self._insert_events(connection, prepared)
             await self._insert_attempts(connection, prepared)
 
+    def _json_text(self) -> sa.ColumnElement[Any]:
+        """The payload, JSON text already: bound as text, not encoded by the JSON type again."""
+        text = sa.bindparam("payload_json", type_=sa.Text())
+        # SQLite stores the text as it is; PostgreSQL's json column wants its own type.
+        return sa.cast(text, sa.JSON) if self._postgresql else text
+
     def _insert(self, table: sa.Table) -> Any:  # noqa: ANN401 - a dialect-specific Insert
         return (postgresql.insert if self._postgresql else sqlite.insert)(table)
 
     async def _insert_events(self, connection: AsyncConnection, prepared: PreparedBatch) -> None:
         if prepared.events:
             await connection.execute(
-                self._insert(events).on_conflict_do_nothing(),
+                self._insert(events).values(payload=self._json_text()).on_conflict_do_nothing(),
                 [
                     {
                         "id": i,
                         "org_id": o,
                         "type": t,
                         "occurred_at": at,
-                        "payload": p,
+                        "payload_json": p,
                         "received_at": r,
                     }
                     for i, o, t, at, p, r in prepared.events

@@ -97,6 +97,8 @@ class NewEvent:
     webhook_ids: tuple[str, ...]
     # Those of ``webhook_ids`` whose deliveries wait in the database (state "parked").
     parked: frozenset[str] = frozenset()
+    # ``event`` as the JSON text it arrived in, if it did: stored as is, not encoded again.
+    text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
