@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from aio_pika.abc import AbstractChannel
@@ -136,6 +136,15 @@ class AttemptCount:
     total: int
     failed: int
     last_at: float | None  # Unix time of the newest attempt
+
+
+class Drained(NamedTuple):
+    """What :meth:`Bench.drain_rate` measured."""
+
+    per_second: float | None
+    attempts: AttemptCount
+    cpu_ms: float | None  # worker CPU per attempt
+    instructions: float | None  # worker instructions per attempt, under callgrind only
 
 
 def rate(count: int, started: float, ended: float | None) -> float | None:
@@ -326,27 +335,33 @@ class Bench:
         expected: int,
         webhook_ids: Sequence[str] | None,
         extra: Mapping[str, str] | None = None,
-    ) -> tuple[float | None, AttemptCount, float | None]:
+    ) -> Drained:
         """Start a worker on the queued events and wait until ``expected`` are done.
 
         Returns deliveries a second, the attempts counted, and the worker's CPU milliseconds
         per attempt (start-up excluded): a figure steadier than the rate on a shared machine.
         The CPU clock starts once the first attempt is recorded, so that importing modules
         and connecting are not spread over the deliveries; it counts the attempts recorded
-        after that.
+        after that. Under ``BENCH_PROFILE=callgrind``, the instructions per attempt too,
+        counted over the same span.
         """
         say = self.say(label)
         async with self.worker(label, extra) as worker:
             say(f"draining {envelopes_count} queued events")
             started = time.time()
             first_count = await self._first_attempts(worker, webhook_ids)
+            await worker.zero_instructions()
             cpu_before = worker.cpu_seconds()
             count = await self.drain(worker, expected, started, say, webhook_ids)
             cpu = worker.cpu_seconds() - cpu_before
+            instructions = await worker.instructions()
         first = await self.first_event_at()
         measured = count.total - first_count
         cpu_ms = cpu * 1000 / measured if measured > 0 else None
-        return (rate(count.total, first, count.last_at) if first else None), count, cpu_ms
+        per_attempt = instructions / measured if instructions and measured > 0 else None
+        return Drained(
+            rate(count.total, first, count.last_at) if first else None, count, cpu_ms, per_attempt
+        )
 
     async def _first_attempts(
         self, worker: WorkerProcess, webhook_ids: Sequence[str] | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -20,10 +21,14 @@ WORKER_ROOT = Path(os.environ.get("BENCH_WORKER_ROOT", REPO_ROOT))
 ENV_PREFIX = "SELLFERN_WEBHOOKS_"
 # BENCH_PROFILE=1 samples every service process with py-spy (collapsed stacks, one
 # ``<log>.stacks`` file beside its log; ``python -m bench.profile FILE`` sums them up).
-PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0", "cprofile")
+PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0", "cprofile", "callgrind")
 # BENCH_PROFILE=cprofile runs them under cProfile instead (``<log>.pstats``, written as the
 # process exits): exact call counts, at the price of a slower process.
 CPROFILE = os.environ.get("BENCH_PROFILE", "") == "cprofile"
+# BENCH_PROFILE=callgrind runs them under valgrind's callgrind, which counts the instructions
+# each executes: the same count for the same work whatever else the machine does, where CPU
+# time moves with the machine's load. About fifty times slower; for small --events.
+CALLGRIND = os.environ.get("BENCH_PROFILE", "") == "callgrind"
 
 
 def free_port() -> int:
@@ -81,6 +86,25 @@ class WorkerProcess:
         # utime and stime are fields 14 and 15 of the stat line; 12 and 13 after the name.
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    async def zero_instructions(self) -> None:
+        """Under callgrind: count the process's instructions from now on."""
+        if CALLGRIND:
+            await _callgrind_control("--zero", self.pid)
+
+    async def instructions(self) -> int | None:
+        """Under callgrind: the instructions since :meth:`zero_instructions` (or the start);
+        otherwise None. Dumps the counts so far to ``<log>.callgrind.<n>`` and reads their
+        total."""
+        if not CALLGRIND:
+            return None
+        before = set(self.log_path.parent.glob(f"{self.log_path.name}.callgrind.*"))
+        await _callgrind_control("--dump", self.pid)
+        dumps = set(self.log_path.parent.glob(f"{self.log_path.name}.callgrind.*")) - before
+        for line in max(dumps, key=lambda p: p.stat().st_mtime).read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in the callgrind dump of {self.log_path}")
+
     def check_alive(self) -> None:
         if self.proc.returncode is not None:
             tail = self.log_path.read_text(errors="replace")[-2000:]
@@ -106,7 +130,10 @@ async def run_worker(
     with log_path.open("ab") as log:
         pstats = str(log_path.with_suffix(".pstats"))
         profiler = ["-m", "cProfile", "-o", pstats] if CPROFILE else []
+        # Under callgrind the dumps go beside the log: <log>.callgrind (at exit), .callgrind.<n>.
+        counter = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={log_path}.callgrind"]
         proc = await asyncio.create_subprocess_exec(
+            *(counter if CALLGRIND else []),
             sys.executable,
             *profiler,
             "-m",
@@ -130,12 +157,23 @@ async def run_worker(
             await stop_process(proc, 30)
 
 
+async def _callgrind_control(command: str, pid: int) -> None:
+    control = await asyncio.create_subprocess_exec(
+        "callgrind_control", command, str(pid),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    if await control.wait() != 0:
+        raise RuntimeError(f"callgrind_control {command} {pid} failed")
+
+
 PY_SPY = Path(sys.executable).with_name("py-spy")
 
 
 def require_profiler() -> None:
     """Stop before anything starts when ``BENCH_PROFILE=1`` is set and py-spy is not installed
     beside this interpreter: found missing at the first process, the run would die half set up."""
+    if CALLGRIND and shutil.which("valgrind") is None:
+        raise SystemExit("BENCH_PROFILE=callgrind needs valgrind (apt-get install valgrind)")
     if PROFILE and not PY_SPY.exists():
         raise SystemExit(
             f"BENCH_PROFILE=1 samples with py-spy, which is not installed in this environment"

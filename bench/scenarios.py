@@ -105,7 +105,7 @@ async def throughput(bench: Bench, done: dict[str, Outcome]) -> Outcome:
     # may do the same (its default cap per endpoint is lower), so the ratio compares like
     # with like.
     same_concurrency = {"ENDPOINT_CONCURRENCY": str(bench.concurrency)}
-    per_second, count, cpu_ms = await bench.drain_rate(
+    per_second, count, cpu_ms, instructions = await bench.drain_rate(
         "throughput", len(envelopes), len(envelopes), None, same_concurrency
     )
     received = await sink.requests() - before
@@ -117,6 +117,8 @@ async def throughput(bench: Bench, done: dict[str, Outcome]) -> Outcome:
     # The same machine's cost of a bare request, moments apart: steadier than either figure
     # alone when the machine's speed drifts.
     outcome.add("worker CPU over the client's", ratio(cpu_ms, client_ms), "x")
+    if instructions is not None:  # BENCH_PROFILE=callgrind
+        outcome.add("worker instructions per delivery", round(instructions / 1e3), "k")
     outcome.details = {
         "events": len(envelopes),
         "attempts": count.total,
@@ -200,7 +202,7 @@ async def isolation(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
             slow_events = [order_event(SLOW_ORG, n=i) for i in range(half)]
             envelopes = [e for pair in zip(fast_events, slow_events, strict=True) for e in pair]
             await bench.publisher.publish_all(envelopes, say)
-            per_second, count, cpu_ms = await bench.drain_rate(
+            per_second, count, cpu_ms, _ = await bench.drain_rate(
                 label, len(envelopes), half, webhook_ids[:FAST_ENDPOINTS]
             )
             if per_second is not None:
@@ -258,7 +260,7 @@ async def fanout(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
                 order_event(f"org_bench_fan{i % orgs}", n=i) for i in range(sizes.fanout_events)
             ]
             await bench.publisher.publish_all(envelopes, say)
-            per_second, count, cpu_ms = await bench.drain_rate(
+            per_second, count, cpu_ms, _ = await bench.drain_rate(
                 label, len(envelopes), len(envelopes), None
             )
             if per_second is not None:

@@ -30,7 +30,7 @@ async def _one_drain(bench: Bench, label: str, sink: OtlpSink | None) -> float |
     await bench.publisher.publish_all(envelopes, say)
     same_concurrency = {"ENDPOINT_CONCURRENCY": str(bench.concurrency)}
     with services_tracing(sink):
-        _rate, count, cpu_ms = await bench.drain_rate(
+        _rate, count, cpu_ms, _ = await bench.drain_rate(
             label, len(envelopes), len(envelopes), None, same_concurrency
         )
     if count.failed:

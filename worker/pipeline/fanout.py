@@ -66,6 +66,10 @@ def _not_a_number(constant: str) -> Any:  # noqa: ANN401 - json.loads' hook
     raise ValueError(f"{constant} is not a JSON value")
 
 
+# Made once: json.loads given an option builds a decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_not_a_number)
+
+
 def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, Any]]:
     """Validate an event body; return the envelope and the JSON object as received.
 
@@ -74,7 +78,7 @@ def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, A
     if len(body) > max_bytes:
         raise RejectedEventError("oversize", f"{len(body)} bytes; the limit is {max_bytes}")
     try:
-        raw = json.loads(body.decode("utf-8"), parse_constant=_not_a_number)
+        raw = _DECODER.decode(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise RejectedEventError("invalid_encoding", f"not UTF-8: {exc}") from None
     except RecursionError:
