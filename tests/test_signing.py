@@ -81,3 +81,20 @@ def test_payload_body_is_compact_utf8_json_of_id_type_timestamp_and_data() -> No
     )
     # Every call alike: the encoder made once keeps no state between payloads.
     assert payload_body(event) == body
+
+
+def test_signing_leaves_each_secrets_key_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = "whsec_" + base64.b64encode(b"another key of 24 bytes!").decode()
+    # Interleaved, and across a full cache being cleared: every signature as the spec's.
+    monkeypatch.setattr(signing, "KEYED_CACHE_SIZE", 2)
+    for _ in range(3):
+        assert signing.sign(SPEC_SECRET, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY) == SPEC_SIGNATURE
+        signing.sign(other, SPEC_ID, SPEC_TIMESTAMP, b"a different body")
+        signing.sign(f"whsec_{base64.b64encode(b'a third').decode()}", "x", 1, b"")
+    wh = standardwebhooks.Webhook(other)
+    headers = {"webhook-id": SPEC_ID, "webhook-timestamp": str(int(time.time()))}
+    body = b'{"n":1}'
+    headers["webhook-signature"] = signing.sign(
+        other, SPEC_ID, int(headers["webhook-timestamp"]), body
+    )
+    wh.verify(body, headers)  # raises if the signature is wrong

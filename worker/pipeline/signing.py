@@ -15,11 +15,27 @@ def secret_key(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
 
 
+# Each secret's HMAC with its key already taken in, copied for every signature: setting a key
+# up (decoding it, hashing its two padded blocks) was half of what a signature cost.
+_KEYED: dict[str, hmac.HMAC] = {}
+KEYED_CACHE_SIZE = 10_000
+
+
+def _keyed(secret: str) -> hmac.HMAC:
+    keyed = _KEYED.get(secret)
+    if keyed is None:
+        if len(_KEYED) >= KEYED_CACHE_SIZE:
+            _KEYED.clear()
+        keyed = _KEYED[secret] = hmac.new(secret_key(secret), digestmod=hashlib.sha256)
+    return keyed
+
+
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """One ``v1,<base64>`` signature."""
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    mac = _keyed(secret).copy()
+    mac.update(f"{message_id}.{timestamp}.".encode())
+    mac.update(body)
+    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 def signature_header(secrets: Sequence[str], message_id: str, timestamp: int, body: bytes) -> str:

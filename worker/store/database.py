@@ -73,13 +73,12 @@ def _check_before_use(engine: AsyncEngine) -> None:
             raise sa.exc.DisconnectionError("the server closed the connection")
         if time.monotonic() - record.info.get(_RETURNED, 0.0) < IDLE_PING_SECONDS:
             return
-        cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("SELECT 1")
+            # The dialect's own ping, as pool_pre_ping sends it: it leaves no transaction open
+            # (a cursor's statement would, and asyncpg's transaction() then refuses to start).
+            engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             raise sa.exc.DisconnectionError(f"the idle connection did not answer: {exc}") from exc
-        finally:
-            cursor.close()
 
 
 def _alembic_config() -> Config:
