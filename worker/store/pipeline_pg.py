@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from worker.store.database import driver_connection
 from worker.store.pipeline_writes import AdvanceRow, OpenedRow, PreparedBatch, prepare
 from worker.store.records import AttemptRecord, NewEvent
 
@@ -113,10 +114,8 @@ class AsyncpgPipelineWrites:
         if not batch:
             return
         arguments = _arguments(prepare(batch))
-        async with self._engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            driver: Any = raw.driver_connection  # an asyncpg.Connection; asyncpg has no hints
-            await driver.execute(WRITE_BATCH, *arguments)
+        async with driver_connection(self._engine) as connection:
+            await connection.execute(WRITE_BATCH, *arguments)
 
 
 def _arguments(prepared: PreparedBatch) -> list[list[Any]]:
