@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import TEST_SECRET_KEY
 from worker.store import Store, database, pipeline_writes
 from worker.store.crypto import SecretBox
-from worker.store.pipeline_pg import AsyncpgPipelineWrites, fold_opened
+from worker.store.pipeline_pg import AsyncpgPipelineWrites
 from worker.store.pipeline_writes import CorePipelineWrites, PipelineWrites
 from worker.store.records import Attempt, AttemptRecord, DeliveryState, NewEvent, utcnow
 from worker.store.tables import attempts, deliveries, events, webhooks
@@ -381,26 +381,3 @@ async def test_concurrent_leases_never_get_the_same_row(postgres_url: str, org: 
         taken = [event_id for rows in leased for event_id, _, _ in rows]
         assert len(taken) == len(set(taken))
         assert set(taken) <= set(more_ids)
-
-
-@pytest.mark.unit
-def test_a_delivery_opened_and_advanced_in_one_batch_is_written_once_as_its_advance() -> None:
-    # The one-statement write may touch a delivery row once: opening then advancing it
-    # becomes the advance, created at the opening (the event's arrival).
-    received, attempted = _at(0), _at(5)
-    opened: list[pipeline_writes.OpenedRow] = [
-        ("evt_1", "wh_A", "pending", received),
-        ("evt_2", "wh_A", "parked", received),
-    ]
-    advances: list[pipeline_writes.AdvanceRow] = [
-        ("evt_1", "wh_A", "succeeded", 1, None, attempted, attempted),
-        ("evt_9", "wh_A", "pending", 2, _at(35), attempted, attempted),  # opened earlier
-    ]
-    kept, folded = fold_opened(opened, advances)
-    assert kept == [("evt_2", "wh_A", "parked", received)]
-    assert folded == [
-        ("evt_1", "wh_A", "succeeded", 1, None, received, attempted),
-        ("evt_9", "wh_A", "pending", 2, _at(35), attempted, attempted),
-    ]
-    assert fold_opened(opened, []) == (opened, [])
-    assert fold_opened([], advances) == ([], advances)
