@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,6 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.util import greenlet_spawn
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -82,21 +79,6 @@ def _check_before_use(engine: AsyncEngine) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             raise sa.exc.DisconnectionError(f"the idle connection did not answer: {exc}") from exc
-
-
-@asynccontextmanager
-async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """A pooled connection's driver connection (asyncpg's own), for the hot statements.
-
-    Taken from the pool without SQLAlchemy's ``Connection`` around it, which cost as much
-    again as the checkout itself, and handed back to the pool (and its checks) afterwards.
-    """
-    pooled = await engine.raw_connection()
-    try:
-        yield pooled.driver_connection
-    finally:
-        # Returning it may roll back, which awaits the driver: done where SQLAlchemy can.
-        await greenlet_spawn(pooled.close)
 
 
 def _alembic_config() -> Config:

@@ -18,7 +18,6 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.store.crypto import SecretBox
-from worker.store.database import driver_connection
 from worker.store.ids import new_id
 from worker.store.records import Page, Webhook, page_of, utcnow
 from worker.store.tables import webhook_subscriptions, webhooks
@@ -175,12 +174,13 @@ class EndpointRepository:
         """Endpoints by id, in one query; missing ids are absent from the result."""
         box = self._box
         wanted = builtins.list(set(webhook_ids))
-        if self._asyncpg:
-            async with driver_connection(self._engine) as driver:
+        async with self._engine.connect() as connection:
+            if self._asyncpg:
+                raw = await connection.get_raw_connection()
+                driver: Any = raw.driver_connection  # an asyncpg.Connection; asyncpg has no hints
                 records = await driver.fetch(READ_WEBHOOKS, wanted)
-            found = [webhook_from_row(record, box) for record in records]
-        else:
-            async with self._engine.connect() as connection:
+                found = [webhook_from_row(record, box) for record in records]
+            else:
                 query = sa.select(webhooks).where(webhooks.c.id.in_(wanted))
                 found = [self._webhook(row) for row in await connection.execute(query)]
         return {webhook.id: webhook for webhook in found}

@@ -20,7 +20,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.store.database import driver_connection
 from worker.store.pipeline_writes import ATTEMPT_COLUMNS, PreparedBatch, prepare
 from worker.store.records import AttemptRecord, NewEvent
 
@@ -91,8 +90,11 @@ class AsyncpgPipelineWrites:
         if not batch:
             return
         prepared = prepare(batch)
-        async with driver_connection(self._engine) as connection, connection.transaction():
-            await _write(connection, prepared)
+        async with self._engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection  # an asyncpg.Connection; asyncpg has no hints
+            async with driver.transaction():
+                await _write(driver, prepared)
 
 
 async def _write(connection: Any, prepared: PreparedBatch) -> None:  # noqa: ANN401 - asyncpg
