@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from pydantic import ValidationError
@@ -60,7 +60,7 @@ def _depth(value: Any, limit: int) -> int:  # noqa: ANN401 - any JSON value
     return depth
 
 
-def _not_a_number(constant: str) -> Any:  # noqa: ANN401 - json.loads' hook
+def _not_a_number(constant: str) -> NoReturn:
     """``NaN`` and ``Infinity``, which Python's decoder takes and JSON does not: neither a
     receiver's parser nor PostgreSQL's ``json`` type would take the event either."""
     raise ValueError(f"{constant} is not a JSON value")
