@@ -4,7 +4,7 @@ how many it leases, how many it attempts at once, and what it hands back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -14,7 +14,12 @@ from tests.test_scheduler import TIERS, FakeClock, measure
 from worker.ops.metrics import Metrics
 from worker.pipeline.attempts import AttemptRunner
 from worker.pipeline.offers import Route, Source
-from worker.pipeline.parking import LEASE_MARGIN_SECONDS, SWEEP_SECONDS, ParkingSweeper
+from worker.pipeline.parking import (
+    FEEDERS_PER_SLOT,
+    LEASE_MARGIN_SECONDS,
+    SWEEP_SECONDS,
+    ParkingSweeper,
+)
 from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.tasks import DeliveryTask
 from worker.store import Store
@@ -66,20 +71,24 @@ class FakeBacklog:
 
 class FakeRunner:
     """Makes each attempt when an answer is given, taking the fake clock's time over it, and
-    hands the slot back as the real one does."""
+    hands the slot back as the real one does, before recording it; with ``records`` held,
+    recording waits for one of those too."""
 
     def __init__(self, scheduler: Scheduler, clock: FakeClock, *, sent: bool = True) -> None:
         self.scheduler = scheduler
         self.clock = clock
         self.sent = sent
         self.answers = asyncio.Semaphore(0)
+        self.records: asyncio.Semaphore | None = None
+        self.recording = 0
         self.attempts: list[DeliveryTask] = []
         self.at_once = 0
         self.most_at_once = 0
 
     async def run(
-        self, task: DeliveryTask, ticket: int, body: bytes | None, *, parked: bool
-    ) -> bool:
+        self, task: DeliveryTask, ticket: int, body: bytes | None, *, parked: bool,
+        released: Callable[[], None],
+    ) -> bool:  # fmt: skip
         assert parked
         assert body is None
         self.attempts.append(task)
@@ -91,6 +100,11 @@ class FakeRunner:
         finally:
             self.at_once -= 1
             self.scheduler.finished(task.webhook_id, ticket, seconds=self.clock() - started)
+            released()
+        if self.records is not None:
+            self.recording += 1
+            await self.records.acquire()
+            self.recording -= 1
         return self.sent
 
     def answer(self, count: int = 10_000) -> None:
@@ -130,7 +144,7 @@ async def test_a_leased_backlog_is_attempted_at_most_cap_at_once_oldest_first() 
     measure(h.scheduler, h.clock, WEBHOOK, 0.1)  # fast: room is cap * 0.5 s / 0.1 s = 20
     assert await h.sweeper.sweep() == 20
     await h.settle()
-    assert len(h.feeders) == CAP
+    assert len(h.feeders) == FEEDERS_PER_SLOT * CAP
     assert h.runner.at_once == CAP  # the rest wait in the sweeper's line, not the scheduler's
     assert h.scheduler.view(WEBHOOK).waiting == 0
 
@@ -215,6 +229,25 @@ async def test_an_endpoint_stays_swept_while_others_hold_part_of_its_backlog() -
     h.backlog.taken = h.backlog.others = 0  # recorded, and the others' done too
     assert await h.sweeper.sweep() == 0
     assert WEBHOOK not in h.scheduler.parked()  # drained: new deliveries decided afresh
+
+
+async def test_while_attempts_are_recorded_the_next_ones_are_sent() -> None:
+    h = Harness(FakeBacklog(30))
+    h.runner.records = asyncio.Semaphore(0)  # the writes of the attempts take their time
+    measure(h.scheduler, h.clock, WEBHOOK, 0.1)
+    assert await h.sweeper.sweep() == 20
+    await h.settle()
+    h.runner.answer(CAP)  # the first requests end; their records are still being written
+    await h.settle()
+    assert h.runner.recording == CAP
+    assert h.runner.at_once == CAP  # their slots went to the next deliveries meanwhile
+    assert len(h.runner.attempts) == 2 * CAP
+    assert h.scheduler.view(WEBHOOK).waiting == 0
+    for _ in range(20):
+        h.runner.records.release()
+    await h.finish()
+    assert h.runner.most_at_once == CAP
+    assert len(h.runner.attempts) == 20
 
 
 async def test_the_backlogs_share_half_the_worker_s_concurrency() -> None:

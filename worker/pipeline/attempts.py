@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -166,6 +166,7 @@ class AttemptRunner:
         *,
         recheck: bool = False,
         parked: bool = False,
+        released: Callable[[], None] | None = None,
     ) -> bool:
         """Make ``task``'s attempt in the slot of ``ticket``, then record and settle it; return
         whether it was sent (not skipped).
@@ -177,10 +178,13 @@ class AttemptRunner:
         succeeded. ``parked`` for a delivery
         the sweeper leased from the parked backlog: no message stands for it, so its retry or
         dead letter is confirmed before its attempt is recorded, which takes it out of the
-        backlog.
+        backlog. ``released`` is called once the attempt's slot is given back (its request ended,
+        or it was skipped), before the attempt is recorded.
         """
         with self._tracing.attempt(task.event, task.webhook_id, task.attempt, trace) as span:
-            return await self._attempt(task, ticket, body, span, recheck=recheck, parked=parked)
+            return await self._attempt(
+                task, ticket, body, span, recheck=recheck, parked=parked, released=released
+            )
 
     async def _already_recorded(self, task: DeliveryTask) -> bool:
         """The delivery succeeded already. Only that: a failure may have been recorded while
@@ -190,7 +194,7 @@ class AttemptRunner:
 
     async def _attempt(
         self, task: DeliveryTask, ticket: int, body: bytes | None, span: Traced, *,
-        recheck: bool, parked: bool,
+        recheck: bool, parked: bool, released: Callable[[], None] | None,
     ) -> bool:  # fmt: skip
         self._metrics.in_flight.inc()
         answered = False
@@ -231,6 +235,8 @@ class AttemptRunner:
                 answered=answered,
                 seconds=sent.duration_ms / 1000 if sent is not None else None,
             )
+            if released is not None:
+                released()
         try:
             await self._settle(task, body, webhook, sent, span, parked=parked)
         finally:

@@ -7,9 +7,12 @@ delivery as ``parked``, in the same transaction as the event, and publishes noth
 parks the deliveries it sends again. The sweeper here makes their attempts itself, about as
 fast as the endpoint can take them (the scheduler's
 :meth:`~worker.pipeline.scheduler.Scheduler.room`), oldest first: it leases a batch from the
-database and feeds it to the scheduler through at most the endpoint's cap of feeders, each
-offering one delivery at a time, so the backlog never crowds the endpoint's waiting line; over
-all endpoints, backlogs have at most half the worker's ``DELIVERY_CONCURRENCY`` under way.
+database and feeds it to the scheduler through its feeders, each offering one delivery at a
+time. At most the endpoint's cap of them offer or send at once, so the backlog never crowds the
+endpoint's waiting line; over all endpoints, backlogs have at most half the worker's
+``DELIVERY_CONCURRENCY`` under way. A feeder gives both back when its request ends and records
+the attempt without them, while another feeder sends: an attempt's record would otherwise hold
+a slot for as long as its request did.
 
 No message stands for a parked delivery, so the lease does what an unacked message does for a
 task. Nothing is lost: the event is acked only once its parked rows are committed; a leased row
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -43,6 +47,9 @@ from worker.store.records import utcnow
 log = structlog.get_logger("sellfern_webhooks.parking")
 
 SWEEP_SECONDS = 0.5
+# A backlog whose line is down to its endpoint's cap wakes the sweeper before SWEEP_SECONDS, so
+# that its next lease arrives before its feeders run dry; sweeps are still this far apart.
+SOONEST_SWEEP_SECONDS = 0.05
 # How often a worker looks for parked deliveries it did not park itself (and counts them all).
 ADOPT_SECONDS = 30.0
 # A lease is the longest an attempt may take (DELIVERY_TIMEOUT) and this: a leased delivery
@@ -52,6 +59,9 @@ ADOPT_SECONDS = 30.0
 # dead worker had leased waiting that much longer.
 LEASE_MARGIN_SECONDS = 15.0
 START_MARGIN_SECONDS = 5.0
+
+# Feeders of a backlog, per slot of its endpoint: while one records its attempt, another sends.
+FEEDERS_PER_SLOT = 2
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
@@ -69,6 +79,8 @@ class Backlog:
     """One endpoint's leased deliveries here: in line, and being attempted by its feeders."""
 
     line: collections.deque[Leased]
+    # The endpoint's cap: held by a feeder from its offer until its request ends.
+    sending: asyncio.Semaphore
     feeders: int = 0
     attempting: int = 0
     # Handed back, to be written in the next sweep: held until a time, returned for the next
@@ -111,6 +123,7 @@ class ParkingSweeper:
         self._clock = clock
         self._backlogs: dict[str, Backlog] = {}
         self._stopping = False
+        self._wake = asyncio.Event()  # a backlog's line runs low
 
     async def run(self) -> None:
         """Sweep until cancelled."""
@@ -123,10 +136,13 @@ class ParkingSweeper:
                     self._scheduler.adopt(list(counts))
                     self._metrics.parked.set(sum(counts.values()))
                     adopted_at = loop.time()
+                self._wake.clear()
                 await self.sweep()
             except Exception as exc:
                 log.warning("sending parked deliveries failed; trying again", error=str(exc))
-            await asyncio.sleep(SWEEP_SECONDS)
+            await asyncio.sleep(SOONEST_SWEEP_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_SECONDS - SOONEST_SWEEP_SECONDS)
 
     async def sweep(self) -> int:
         """Lease what each parked endpoint can take until the next sweep and set its feeders
@@ -149,9 +165,12 @@ class ParkingSweeper:
             start_by = (
                 self._clock() + self._lease_seconds - self._delivery_timeout - START_MARGIN_SECONDS
             )
-            backlog = self._backlogs.setdefault(webhook_id, Backlog(collections.deque()))
+            backlog = self._backlogs.get(webhook_id)
+            if backlog is None:
+                backlog = Backlog(collections.deque(), asyncio.Semaphore(self._cap))
+                self._backlogs[webhook_id] = backlog
             backlog.line.extend(Leased(e, event, tries, start_by) for e, event, tries in rows)
-            while backlog.feeders < min(self._cap, len(backlog.line)):
+            while backlog.feeders < min(FEEDERS_PER_SLOT * self._cap, len(backlog.line)):
                 backlog.feeders += 1
                 self._spawn(self._feed(webhook_id, backlog))
             leased += len(rows)
@@ -205,28 +224,38 @@ class ParkingSweeper:
         each it starts, until its line is empty."""
         try:
             while backlog.line and not self._stopping:
-                leased = backlog.line.popleft()
-                backlog.attempting += 1
+                permits = _Permits(backlog.sending, self._share)
                 try:
-                    async with self._share:
+                    await permits.acquire()
+                    if not backlog.line or self._stopping:
+                        return
+                    leased = backlog.line.popleft()
+                    backlog.attempting += 1
+                    if len(backlog.line) <= self._cap:
+                        self._wake.set()
+                    try:
                         if self._clock() > leased.start_by:
                             # Too little of its lease is left for an attempt: handed back for
                             # the next sweep to lease again, rather than left waiting until
                             # the lease is over.
                             backlog.returned = (backlog.returned or []) + [leased.event_id]
                             continue
-                        await self._attempt(webhook_id, backlog, leased)
-                except Exception as exc:
-                    log.warning(
-                        "a parked delivery's attempt failed; it stays parked",
-                        webhook_id=webhook_id, event_id=leased.event_id, error=str(exc),
-                    )  # fmt: skip
+                        await self._attempt(webhook_id, backlog, leased, permits.release)
+                    except Exception as exc:
+                        log.warning(
+                            "a parked delivery's attempt failed; it stays parked",
+                            webhook_id=webhook_id, event_id=leased.event_id, error=str(exc),
+                        )  # fmt: skip
+                    finally:
+                        backlog.attempting -= 1
                 finally:
-                    backlog.attempting -= 1
+                    permits.release()
         finally:
             backlog.feeders -= 1
 
-    async def _attempt(self, webhook_id: str, backlog: Backlog, leased: Leased) -> None:
+    async def _attempt(
+        self, webhook_id: str, backlog: Backlog, leased: Leased, released: Callable[[], None]
+    ) -> None:
         decision = await self._scheduler.admit(webhook_id, Source.BACKLOG)
         if decision.route is not Route.START:
             # The endpoint turned slow: back to the backlog, for the deferral's time.
@@ -239,5 +268,23 @@ class ParkingSweeper:
             attempt=leased.attempts + 1,
             event=leased.event,
         )
-        if not await self._runner.run(task, decision.ticket, None, parked=True):
+        if not await self._runner.run(task, decision.ticket, None, parked=True, released=released):
             backlog.skipped = (backlog.skipped or []) + [leased.event_id]
+
+
+class _Permits:
+    """A feeder's hold on semaphores, taken in order and given back once, whichever comes
+    first: the attempt's request ending, or the feeder being done with the delivery."""
+
+    def __init__(self, *semaphores: asyncio.Semaphore) -> None:
+        self._semaphores = semaphores
+        self._held: list[asyncio.Semaphore] = []
+
+    async def acquire(self) -> None:
+        for semaphore in self._semaphores:
+            await semaphore.acquire()
+            self._held.append(semaphore)
+
+    def release(self) -> None:
+        while self._held:
+            self._held.pop().release()
