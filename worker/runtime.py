@@ -124,7 +124,9 @@ def _settle_garbage_collector() -> None:
     Everything built at start-up (modules, SQLAlchemy's and pydantic's structures) lives as
     long as the process: frozen, it is never scanned again. Deliveries allocate many
     short-lived objects, almost none in cycles; a larger first generation means fewer
-    collections, each over young objects only.
+    collections, each over young objects only. Called before the process takes requests or
+    messages, so that none waits behind the full collection (40 ms on an idle core, three
+    times that beside a busy worker process).
     """
     gc.collect()
     gc.freeze()
@@ -185,6 +187,7 @@ async def run(
         health = await stack.enter_async_context(Health(store, connection))
         running.health = health
 
+        _settle_garbage_collector()
         if role in ("api", "serve"):
             attempts = ManualAttempts(store, sender, effects, tracing)
             app = running.api_app = build_api_app(
@@ -206,7 +209,6 @@ async def run(
             await worker.start()
             running.worker = worker
 
-        _settle_garbage_collector()
         log.info(
             "started",
             role=role,
