@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import PG_ADMIN_DSN, eventually
 from worker.store import database
 from worker.store.pipeline_pg import AsyncpgPipelineWrites
 from worker.store.records import NewEvent
@@ -37,10 +36,11 @@ async def test_a_pooled_connection_whose_server_end_was_terminated_is_replaced(
         # The server closed it; once the event loop has read that (asyncpg then marks it
         # closed, with no round trip), the next checkout does not hand it out. Not pinged:
         # it was used a moment ago.
-        for _ in range(500):
-            if driver.is_closed():
-                break
-            await asyncio.sleep(0.01)
+
+        async def closed() -> bool:
+            return bool(driver.is_closed())
+
+        await eventually(closed, timeout=5, what="asyncpg marking the terminated connection")
         replaced = await _backend(engine)
         assert replaced != idle
     finally:

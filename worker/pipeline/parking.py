@@ -165,10 +165,9 @@ class ParkingSweeper:
             start_by = (
                 self._clock() + self._lease_seconds - self._delivery_timeout - START_MARGIN_SECONDS
             )
-            backlog = self._backlogs.get(webhook_id)
-            if backlog is None:
-                backlog = Backlog(collections.deque(), asyncio.Semaphore(self._cap))
-                self._backlogs[webhook_id] = backlog
+            backlog = self._backlogs.setdefault(
+                webhook_id, Backlog(collections.deque(), asyncio.Semaphore(self._cap))
+            )
             backlog.line.extend(Leased(e, event, tries, start_by) for e, event, tries in rows)
             while backlog.feeders < min(FEEDERS_PER_SLOT * self._cap, len(backlog.line)):
                 backlog.feeders += 1
