@@ -154,7 +154,6 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", UTCDateTime),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
-    sa.Index("ix_deliveries_webhook_id", "webhook_id"),
     sa.Index(
         "ix_deliveries_parked",
         "webhook_id",
@@ -162,7 +161,7 @@ deliveries = sa.Table(
         postgresql_where=sa.text("state = 'parked'"),
         sqlite_where=sa.text("state = 'parked'"),
     ),
-    # Stats' backlog: counts by state of one endpoint.
+    # Stats' backlog: counts by state of one endpoint; and any lookup by endpoint alone.
     sa.Index("ix_deliveries_webhook_id_state", "webhook_id", "state"),
     # Recoveries: one endpoint's deliveries in a window, keyset on (created_at, event_id).
     sa.Index(
