@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import fresh_postgres
 from worker.store import Store, database
@@ -131,6 +132,50 @@ async def test_postgres_needs_migrate_then_works() -> None:
             run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
         )
         assert created.returncode == 0, created.stderr
+
+
+async def _stamp(url: str, revision: str) -> None:
+    """Set the database's revision as if a migration of that id had been applied."""
+    engine = database.create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("UPDATE alembic_version SET version_num = :r"),
+                                     {"r": revision})  # fmt: skip
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("store", ["postgresql", "sqlite"])
+async def test_a_rolled_back_version_runs_on_a_database_a_later_one_migrated(
+    store: str, sqlite_env: dict[str, str]
+) -> None:
+    """After a rollback the older version starts on the newer schema (migrations are
+    additive) and says so, and its migrate applies nothing, where it refused before; a
+    database behind this version is still refused."""
+    async with fresh_postgres("sfw_cli") as pg_url:
+        url = pg_url if store == "postgresql" else sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"]
+        env = {"SELLFERN_WEBHOOKS_DATABASE_URL": url}
+        assert (await asyncio.to_thread(run_cli, "migrate", env=env)).returncode == 0
+        await _stamp(url, "9999")  # a revision this version has no file for
+        created = await asyncio.to_thread(
+            run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage", env=env
+        )
+        assert created.returncode == 0, created.stderr
+        warning = json.loads(created.stderr.splitlines()[-1])
+        assert warning["event"] == "the database schema is newer than this version; running on it"
+        assert warning["database_revision"] == "9999"
+        assert warning["this_version_revision"] == database.head_revision()
+        migrated = await asyncio.to_thread(run_cli, "migrate", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        assert "database at revision 9999, newer than this version's" in migrated.stdout
+        if store == "postgresql":
+            await _stamp(url, "0001")  # one this version knows, and behind its head
+            behind = await asyncio.to_thread(
+                run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage",
+                env=env,
+            )  # fmt: skip
+            assert behind.returncode == 2
+            assert "sellfern-webhooks migrate" in behind.stderr
 
 
 async def test_publish_is_confirmed_and_lands_in_the_events_queue(amqp_url: str) -> None:

@@ -137,6 +137,12 @@ async def _migrate(settings: Settings) -> int:
         before, after = await database.migrate(engine)
     finally:
         await engine.dispose()
+    if before is not None and before == after and database.is_later_revision(before):
+        print(
+            f"database at revision {before}, newer than this version's "
+            f"{database.head_revision()}: nothing to apply"
+        )
+        return 0
     print(f"database at revision {after} (was {before or 'empty'})")
     return 0
 

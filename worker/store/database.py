@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = structlog.get_logger("sellfern_webhooks.database")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -99,9 +103,26 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await connection.run_sync(_read)
 
 
+def is_later_revision(revision: str | None) -> bool:
+    """Whether ``revision`` is one this version does not know: a later version migrated the
+    database, and this one runs on it after a rollback (migrations are additive)."""
+    if revision is None:
+        return False
+    try:
+        ScriptDirectory.from_config(_alembic_config()).get_revision(revision)
+    except CommandError:
+        return True
+    return False
+
+
 async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
-    """Apply every pending migration; return the revisions before and after."""
+    """Apply every pending migration; return the revisions before and after.
+
+    A database a later version migrated is left as it is (see :func:`is_later_revision`).
+    """
     before = await current_revision(engine)
+    if is_later_revision(before):
+        return before, before
 
     def _upgrade(connection: sa.Connection) -> None:
         config = _alembic_config()
@@ -119,7 +140,15 @@ async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool) -> None:
     SQLite is the single-machine store, so it is migrated in place. On PostgreSQL several
     replicas may start at once, so migrations are an explicit step (a Job in Kubernetes).
     """
-    if await current_revision(engine) == head_revision():
+    current = await current_revision(engine)
+    if current == head_revision():
+        return
+    if is_later_revision(current):
+        log.warning(
+            "the database schema is newer than this version; running on it",
+            database_revision=current,
+            this_version_revision=head_revision(),
+        )
         return
     if auto_migrate:
         await migrate(engine)
