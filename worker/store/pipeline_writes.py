@@ -92,12 +92,23 @@ def prepare(batch: Sequence[NewEvent | AttemptRecord]) -> PreparedBatch:
             state: DeliveryState = "parked" if webhook_id in item.parked else "pending"
             opened.setdefault((event["id"], webhook_id), (event["id"], webhook_id, state, received))
     ended, started = failure_runs(records)
+    advances = fold_advances(records)
+    # A pending delivery whose event and attempt share the batch (a fast endpoint's attempt
+    # often ends before its event's write begins) is written once: its advance inserts it in
+    # its new state, with the created_at its event gives it, where opening then advancing it
+    # would write two versions of the row and index both (the state changes, so the update
+    # is not HOT). A parked one is opened as before: the opening parks it again.
+    for i, row in enumerate(advances):
+        first = opened.get(row[:2])
+        if first is not None and first[2] == "pending":
+            del opened[row[:2]]
+            advances[i] = (*row[:5], first[3], row[6])
     return PreparedBatch(
         now=now,
         events=list(event_rows.values()),
         opened=list(opened.values()),
         attempts=[r.attempt for r in records],
-        advances=fold_advances(records),
+        advances=advances,
         ended=ended,
         started=started,
     )
