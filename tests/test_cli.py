@@ -151,7 +151,7 @@ async def test_a_rolled_back_version_runs_on_a_database_a_later_one_migrated(
 ) -> None:
     """After a rollback the older version starts on the newer schema (migrations are
     additive) and says so, and its migrate applies nothing, where it refused before; a
-    database behind this version is still refused."""
+    database behind this version, or of another application, is still refused."""
     async with fresh_postgres("sfw_cli") as pg_url:
         url = pg_url if store == "postgresql" else sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"]
         env = {"SELLFERN_WEBHOOKS_DATABASE_URL": url}
@@ -169,13 +169,16 @@ async def test_a_rolled_back_version_runs_on_a_database_a_later_one_migrated(
         assert migrated.returncode == 0, migrated.stderr
         assert "database at revision 9999, newer than this version's" in migrated.stdout
         if store == "postgresql":
-            await _stamp(url, "0001")  # one this version knows, and behind its head
-            behind = await asyncio.to_thread(
-                run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage",
-                env=env,
-            )  # fmt: skip
-            assert behind.returncode == 2
-            assert "sellfern-webhooks migrate" in behind.stderr
+            # Behind this version, or not one of its revisions at all (another application's
+            # database): refused.
+            for revision in ("0001", "ae1027a6acf1"):
+                await _stamp(url, revision)
+                refused = await asyncio.to_thread(
+                    run_cli, "token", "create", "--org", "org_x", "--scope", "webhooks:manage",
+                    env=env,
+                )  # fmt: skip
+                assert refused.returncode == 2, revision
+                assert "sellfern-webhooks migrate" in refused.stderr
 
 
 async def test_publish_is_confirmed_and_lands_in_the_events_queue(amqp_url: str) -> None:

@@ -12,7 +12,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 log = structlog.get_logger("sellfern_webhooks.database")
@@ -104,15 +103,13 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 
 def is_later_revision(revision: str | None) -> bool:
-    """Whether ``revision`` is one this version does not know: a later version migrated the
-    database, and this one runs on it after a rollback (migrations are additive)."""
-    if revision is None:
+    """Whether a later version of this service migrated the database past this one's head:
+    one it then runs on after a rollback (migrations are additive). Revisions are numbered in
+    sequence (``0005``), so a database of some other application is still refused."""
+    head = head_revision()
+    if revision is None or head is None or not (revision.isdigit() and head.isdigit()):
         return False
-    try:
-        ScriptDirectory.from_config(_alembic_config()).get_revision(revision)
-    except CommandError:
-        return True
-    return False
+    return int(revision) > int(head)
 
 
 async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
