@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -152,8 +153,12 @@ async def test_a_rolled_back_version_runs_on_a_database_a_later_one_migrated(
     """After a rollback the older version starts on the newer schema (migrations are
     additive) and says so, and its migrate applies nothing, where it refused before; a
     database behind this version, or of another application, is still refused."""
-    async with fresh_postgres("sfw_cli") as pg_url:
-        url = pg_url if store == "postgresql" else sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"]
+    database_of_run = (
+        fresh_postgres("sfw_cli")
+        if store == "postgresql"
+        else contextlib.nullcontext(sqlite_env["SELLFERN_WEBHOOKS_DATABASE_URL"])
+    )
+    async with database_of_run as url:
         env = {"SELLFERN_WEBHOOKS_DATABASE_URL": url}
         assert (await asyncio.to_thread(run_cli, "migrate", env=env)).returncode == 0
         await _stamp(url, "9999")  # a revision this version has no file for
