@@ -192,6 +192,9 @@ async def _start_sampler(pid: int, log_path: Path) -> asyncio.subprocess.Process
         "--rate",
         "250",
         "--nonblocking",
+        # The children of a WORKER_PROCESSES parent too; each stack then begins with a frame
+        # naming its process.
+        "--subprocesses",
         "--format",
         "raw",
         "--output",

@@ -13,6 +13,10 @@ each service log (one line a stack, ``frame;frame;... count``, outermost first) 
 
 py-spy leaves out idle samples (the loop waiting in ``epoll``), so the shares are of the time the
 process was busy; samples taken while it imported modules (starting up) are left out too.
+"Busy" includes waiting for a core: where more processes want CPU than there are cores (the
+``processes`` scenario), a process that was switched out is sampled at the line it last ran,
+often one that woke another process (a socket write to PostgreSQL or the receiver), so such
+lines are overstated there.
 """
 
 from __future__ import annotations
