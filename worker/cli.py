@@ -137,11 +137,9 @@ async def _migrate(settings: Settings) -> int:
         before, after = await database.migrate(engine)
     finally:
         await engine.dispose()
-    if before is not None and before == after and database.is_later_revision(before):
-        print(
-            f"database at revision {before}, newer than this version's "
-            f"{database.head_revision()}: nothing to apply"
-        )
+    head = database.head_revision()
+    if after != head:  # migrate reaches this version's head unless a later one migrated it
+        print(f"database at revision {after}, newer than this version's {head}: nothing to apply")
         return 0
     print(f"database at revision {after} (was {before or 'empty'})")
     return 0

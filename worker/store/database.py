@@ -102,11 +102,11 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await connection.run_sync(_read)
 
 
-def is_later_revision(revision: str | None) -> bool:
-    """Whether a later version of this service migrated the database past this one's head:
-    one it then runs on after a rollback (migrations are additive). Revisions are numbered in
-    sequence (``0005``), so a database of some other application is still refused."""
-    head = head_revision()
+def is_later_revision(revision: str | None, head: str | None) -> bool:
+    """Whether a later version of this service migrated the database (at ``revision``) past
+    this one's ``head``: one it then runs on after a rollback (migrations are additive).
+    Revisions are numbered in sequence (``0005``), so a database of some other application is
+    still refused."""
     if revision is None or head is None or not (revision.isdigit() and head.isdigit()):
         return False
     return int(revision) > int(head)
@@ -117,8 +117,8 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
 
     A database a later version migrated is left as it is (see :func:`is_later_revision`).
     """
-    before = await current_revision(engine)
-    if is_later_revision(before):
+    before, head = await current_revision(engine), head_revision()
+    if is_later_revision(before, head):
         return before, before
 
     def _upgrade(connection: sa.Connection) -> None:
@@ -128,7 +128,7 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
 
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade)
-    return before, head_revision()
+    return before, head
 
 
 async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool) -> None:
@@ -137,14 +137,14 @@ async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool) -> None:
     SQLite is the single-machine store, so it is migrated in place. On PostgreSQL several
     replicas may start at once, so migrations are an explicit step (a Job in Kubernetes).
     """
-    current = await current_revision(engine)
-    if current == head_revision():
+    current, head = await current_revision(engine), head_revision()
+    if current == head:
         return
-    if is_later_revision(current):
+    if is_later_revision(current, head):
         log.warning(
             "the database schema is newer than this version; running on it",
             database_revision=current,
-            this_version_revision=head_revision(),
+            this_version_revision=head,
         )
         return
     if auto_migrate:
