@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.pipeline import topology
 from worker.pipeline.loader import BatchLoader
+from worker.pipeline.policies import EndpointPolicies
 from worker.store import Store
 
 # Cached matches are invalidated by change notices; the TTL only bounds the damage of a lost
@@ -24,14 +26,26 @@ class EndpointMatcher:
     answered by one indexed query.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, policies: EndpointPolicies) -> None:
         self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}
         # Bumped by every invalidation: an answer to a query that started before a change
         # is used once but not cached.
         self._generation = 0
+        self._store = store
+        self._policies = policies
         self._loader: BatchLoader[tuple[str, str], list[str]] = BatchLoader(
-            "subscriptions", store.endpoints.subscriptions, []
+            "subscriptions", self._subscriptions, []
         )
+
+    async def _subscriptions(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[str]]:
+        """The endpoints of ``keys``, with the policies read after them: an endpoint created
+        ordered (or with a rate limit) a moment ago, whose change notice this worker has not
+        yet taken, is then not sent to as if it had neither."""
+        found = await self._store.endpoints.subscriptions(keys)
+        await self._policies.refresh()
+        return found
 
     async def lookup(self, org_id: str, event_type: str) -> list[str]:
         key = (org_id, event_type)

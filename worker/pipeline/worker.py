@@ -134,7 +134,7 @@ class PipelineWorker:
             store, self._sender, scheduler, self._publisher, self._writer, self._effects,
             metrics, settings.retry_schedule, settings.retry_jitter, self._tracing,
         )  # fmt: skip
-        matcher = EndpointMatcher(store)
+        matcher = EndpointMatcher(store, self.policies)
         fanout_settler, delivery_settler = (
             Settler(store.ping, "fan-out"),
             Settler(store.ping, "delivery"),
