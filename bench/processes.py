@@ -26,6 +26,7 @@ from typing import Any
 from bench.harness import EVENT_TYPE, Bench, Outcome, rate, ratio
 from bench.load import order_event
 from bench.procs import WorkerProcess
+from bench.speed import probe_ms, spread
 
 ORG = "org_bench_processes"
 PATH = "/processes"
@@ -96,6 +97,7 @@ async def _one_drain(bench: Bench, processes: int, label: str) -> dict[str, Any]
     envelopes = [order_event(ORG, n=i) for i in range(bench.sizes.burst_events)]
     await bench.publisher.publish_all(envelopes, say)
     extra = {"WORKER_PROCESSES": str(processes), "ENDPOINT_CONCURRENCY": str(bench.concurrency)}
+    probe = probe_ms()  # the machine's speed as this side starts (bench.speed)
     async with bench.worker(label, extra) as worker:
         await _first_stored(bench, worker)
         before = await asyncio.to_thread(cpu_by_process, worker.pid)
@@ -105,7 +107,7 @@ async def _one_drain(bench: Bench, processes: int, label: str) -> dict[str, Any]
     first = await bench.first_event_at()
     per_second = rate(count.total, first, count.last_at) if first else None
     cpu = cpu_split(before, after)
-    say(f"{count.total} attempts at {per_second or 0:.0f}/s; CPU seconds {cpu}")
+    say(f"{count.total} attempts at {per_second or 0:.0f}/s; CPU seconds {cpu}; probe {probe} ms")
     return {
         "worker_processes": processes,
         "processes_running": seen,
@@ -115,6 +117,7 @@ async def _one_drain(bench: Bench, processes: int, label: str) -> dict[str, Any]
         "drain_rate": per_second,
         "drain_seconds": count.last_at - first if first and count.last_at else None,
         "cpu_seconds": cpu,
+        "host_probe_ms": probe,
     }
 
 
@@ -131,14 +134,21 @@ async def processes(bench: Bench, _done: dict[str, Outcome]) -> Outcome:
     outcome.add("drain rate, 1 process", one, "/s")
     outcome.add("drain rate, 2 processes", two, "/s")
     outcome.add("ratio 2/1", ratio(two, one), "x", at_least=TARGET_RATIO)
+    probes = [run["host_probe_ms"] for run in outcome.details.values()]
+    outcome.add("host speed spread over its runs", spread(probes), "x")
     for key, run in outcome.details.items():
-        outcome.notes.append(f"CPU seconds during the drain, {key}: {run['cpu_seconds']}")
+        outcome.notes.append(
+            f"CPU seconds during the drain, {key}: {run['cpu_seconds']}; host probe before it "
+            f"{run['host_probe_ms']} ms"
+        )
     outcome.notes.append(
         f"{bench.sizes.burst_events} events pre-published for one endpoint on nginx, drained "
         f"by WORKER_PROCESSES=1 and =2 (ENDPOINT_CONCURRENCY={bench.concurrency}), alternating, "
         f"best of {bench.sizes.rounds}; {os.cpu_count()} cores on this machine, shared by the "
         "worker, RabbitMQ, PostgreSQL, nginx and the harness; CPU = user + system from the "
         "first stored event to the last attempt recorded, per process (one that exited "
-        "meanwhile is not counted)"
+        "meanwhile is not counted); host speed spread = the slowest over the fastest of the "
+        "probes (bench.speed: a fixed piece of pure-Python work, timed in the harness just "
+        "before each drain; higher is slower), 1.00 when every drain started at one speed"
     )
     return outcome
