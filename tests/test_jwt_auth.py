@@ -140,21 +140,26 @@ def es_key() -> SigningKey:
     return new_key("ES256", "ec-2026-01")
 
 
-@pytest.fixture
-async def idp(
-    tls_ca: trustme.CA, rs_key: SigningKey, es_key: SigningKey
-) -> AsyncIterator[IdentityProvider]:
-    provider = IdentityProvider([rs_key, es_key])
+async def serve_keys(provider: IdentityProvider, context: ssl.SSLContext | None) -> None:
+    """Serve ``provider`` on a free port of 127.0.0.1, over TLS when ``context`` is given."""
     app = web.Application()
     app.router.add_get("/.well-known/jwks.json", provider.handle)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
     provider._runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await provider._runner.setup()
     site = web.TCPSite(provider._runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    provider.base_url = f"https://127.0.0.1:{port}"
+    provider.base_url = f"{'https' if context else 'http'}://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def idp(
+    tls_ca: trustme.CA, rs_key: SigningKey, es_key: SigningKey
+) -> AsyncIterator[IdentityProvider]:
+    provider = IdentityProvider([rs_key, es_key])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+    await serve_keys(provider, context)
     try:
         yield provider
     finally:
@@ -215,6 +220,27 @@ async def test_rs256_and_es256_tokens_open_their_organization(
     status, mine = await jwt_service.call("GET", f"/webhooks/{created['id']}")
     assert status == 200, mine
     assert idp.hits == 1  # one fetch, then the cache
+
+
+async def test_keys_over_plain_http_from_an_allowed_private_address(
+    service_factory: ServiceFactory, receiver: Receiver, es_key: SigningKey
+) -> None:
+    # The service's tests allow 127.0.0.0/8 (ALLOWED_PRIVATE_NETWORKS): a key server there,
+    # as a cluster-internal identity provider may be, is fetched without TLS.
+    provider = IdentityProvider([es_key])
+    await serve_keys(provider, None)
+    try:
+        service = await service_factory(
+            jwt_jwks_url=provider.jwks_url, jwt_issuer=ISSUER, jwt_audience=AUDIENCE
+        )
+        webhook_id = await create_webhook(service, receiver)
+        token = sign(es_key, claims_for(service.org))
+        status, body = await service.call("GET", f"/webhooks/{webhook_id}", token=token)
+        assert status == 200, body
+        assert provider.base_url.startswith("http://")
+        assert provider.hits == 1
+    finally:
+        await provider.stop()
 
 
 async def test_scopes_come_from_scp_as_well(jwt_service: Service, rs_key: SigningKey) -> None:
@@ -538,3 +564,30 @@ def test_jwt_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fmt: skip
     monkeypatch.setenv("SELLFERN_WEBHOOKS_JWT_JWKS_URL", "")
     assert Settings.load().jwt_jwks_url is None  # empty, as a ConfigMap leaves it: unset
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("url", "networks", "accepted"),
+    [
+        ("http://127.0.0.1:8081/jwks.json", "127.0.0.0/8", True),
+        ("http://[::1]:8081/jwks.json", "::1/128", True),
+        ("http://127.0.0.1:8081/jwks.json", "", False),
+        ("http://10.0.0.7/jwks.json", "127.0.0.0/8", False),
+        # A name could resolve anywhere: only an address is known to be inside.
+        ("http://localhost:8081/jwks.json", "127.0.0.0/8", False),
+        ("https://localhost:8081/jwks.json", "", True),
+    ],
+)
+def test_plain_http_keys_only_from_an_allowed_private_address(
+    monkeypatch: pytest.MonkeyPatch, url: str, networks: str, accepted: bool
+) -> None:
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_JWT_JWKS_URL", url)
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_ALLOWED_PRIVATE_NETWORKS", networks)
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_JWT_ISSUER", ISSUER)
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_JWT_AUDIENCE", AUDIENCE)
+    if accepted:
+        assert Settings.load().jwt_jwks_url == url
+    else:
+        with pytest.raises(SettingsError, match="ALLOWED_PRIVATE_NETWORKS"):
+            Settings.load()

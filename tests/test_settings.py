@@ -41,6 +41,13 @@ def test_values_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.api_port == 9000
 
 
+def test_log_level_and_format_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("SELLFERN_WEBHOOKS_LOG_FORMAT", " Console")
+    settings = Settings.load()
+    assert (settings.log_level, settings.log_format) == ("warning", "console")
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

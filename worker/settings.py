@@ -13,13 +13,34 @@ from base64 import urlsafe_b64decode
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.amqp import node_urls
 
 SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _lower(value: object) -> object:
+    """Names of a fixed set (log levels, formats) in any case: ``INFO`` as ``info``."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _in_networks(host: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether ``host`` is an IP address inside one of ``networks``."""
+    try:
+        address = ipaddress.ip_address((host or "").strip("[]"))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 class SettingsError(Exception):
@@ -54,8 +75,10 @@ class Settings(BaseSettings):
     # An HTTP proxy that every delivery tunnels through with CONNECT (worker.pipeline.egress);
     # unset, deliveries connect directly. It may carry credentials: never echo it.
     egress_proxy_url: str | None = None
-    log_format: Literal["json", "console"] = "json"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Annotated[Literal["json", "console"], BeforeValidator(_lower)] = "json"
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
+        "info"
+    )
     # Fernet keys sealing the signing secrets at rest; the first seals, all open
     # (worker.store.crypto).
     secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
@@ -176,14 +199,18 @@ class Settings(BaseSettings):
 
     @field_validator("jwt_jwks_url")
     @classmethod
-    def _jwks_url(cls, value: str | None) -> str | None:
+    def _jwks_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or not value.strip():
             return None  # an empty variable, as a ConfigMap leaves it, means no JWTs
         url = urlsplit(value.strip())
-        if url.scheme != "https" or not url.hostname:
-            # The keys decide which tokens are genuine: they must come over TLS.
+        # The keys decide which tokens are genuine: they must come over TLS, but from an
+        # identity provider on an address of ALLOWED_PRIVATE_NETWORKS (declared earlier, so
+        # validated by now), as endpoints there may be plain http too.
+        private = _in_networks(url.hostname, info.data.get("allowed_private_networks", ()))
+        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and private)):
             raise ValueError(
-                "must be an https:// URL, such as https://id.example.com/.well-known/jwks.json"
+                "must be an https:// URL, such as https://id.example.com/.well-known/jwks.json "
+                "(http:// only on an IP address inside SELLFERN_WEBHOOKS_ALLOWED_PRIVATE_NETWORKS)"
             )
         return value.strip()
 
