@@ -75,7 +75,7 @@ async def _dead(amqp_url: str, *args: str) -> tuple[int, list[str], str]:
 
 
 def _columns(lines: list[str]) -> list[list[str]]:
-    """The lines of a listing, split into reason, origin, event id, endpoint, detail."""
+    """The lines of a listing, split into reason, detail, event id, endpoint, origin."""
     return [line.split("\t") for line in lines[:-1]]
 
 
@@ -142,14 +142,14 @@ async def _listings_take_nothing(amqp_url: str, channel: AbstractChannel, mix: _
     assert code == 0
     assert listed[-1] == "4 shown of 4 in webhooks.dead"
     rows = _columns(listed)
-    assert [row[:4] for row in rows] == [
-        ["exhausted", "task", mix.exhausted, mix.webhook_id],
-        ["invalid_json", "event", "-", "-"],
-        ["-", "unknown", "-", "-"],
-        ["delivery_limit", "event", mix.poisoned, "-"],
+    assert [[row[0], *row[2:]] for row in rows] == [
+        ["exhausted", mix.exhausted, mix.webhook_id, "task"],
+        ["invalid_json", "-", "-", "event"],
+        ["-", "-", "-", "unknown"],
+        ["delivery_limit", mix.poisoned, "-", "event"],
     ]
-    assert rows[0][4] == "HTTP 500"
-    assert "webhooks.events" in rows[3][4]
+    assert rows[0][1] == "HTTP 500"
+    assert "webhooks.events" in rows[3][1]
     assert await _depth(channel, topology.DEAD_QUEUE) == 4
 
     _, first_two, _ = await _dead(amqp_url, "list", "--limit", "2")
@@ -219,7 +219,9 @@ async def test_list_and_dry_run_take_nothing_and_redrive_moves_the_known_back(
         await eventually(both_left_in_the_dead, what="the invalid event back in the dead")
 
     _, listed, _ = await _dead(amqp_url, "list")
-    assert [row[:2] for row in _columns(listed)] == [["-", "unknown"], ["invalid_json", "event"]]
+    assert [[row[0], row[4]] for row in _columns(listed)] == [
+        ["-", "unknown"], ["invalid_json", "event"]
+    ]  # fmt: skip
     assert await _depth(channel, topology.EVENTS_QUEUE) == 0
     assert await _depth(channel, topology.DELIVERIES_QUEUE) == 0
     assert [r.headers["webhook-id"] for r in receiver.at("/hook")].count(mix.poisoned) == 1
@@ -258,7 +260,8 @@ async def test_a_redrive_that_is_not_confirmed_leaves_the_message(
     code, out, _ = await _dead(amqp_url, "redrive", "--limit", "1")
     assert code == 1
     assert len(out) == 2
-    assert out[0].startswith("left\texhausted\ttask\tevt_1\twh_x\t")
+    assert out[0].startswith("left\texhausted\t")
+    assert "\tevt_1\twh_x\ttask\t" in out[0]
     assert "to webhooks.deliveries: refused by the broker" in out[0]
     assert out[-1] == "redriven 0, left 1, skipped 0 (other reasons) of 2 in webhooks.dead"
     assert await _depth(channel, topology.DEAD_QUEUE) == 2

@@ -199,7 +199,7 @@ def test_printable_is_one_bounded_line_without_control_characters() -> None:
 
 def test_line_and_filter() -> None:
     letter = DeadLetter("exhausted", "HTTP 500", Origin.TASK, "evt_1", None)
-    assert letter.line() == "exhausted\ttask\tevt_1\t-\tHTTP 500"
+    assert letter.line() == "exhausted\tHTTP 500\tevt_1\t-\ttask"
     assert matches(letter, None)
     assert matches(letter, "exhausted")
     assert not matches(letter, "invalid_json")

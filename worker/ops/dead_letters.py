@@ -67,9 +67,10 @@ class DeadLetter:
         return None
 
     def line(self) -> str:
-        """Tab-separated: reason, origin, event id, endpoint, detail."""
+        """Tab-separated: reason, detail, event id, endpoint (the contract's columns, in its
+        order), then origin."""
         return "\t".join(
-            (self.reason, self.origin, self.event_id or "-", self.webhook_id or "-", self.detail)
+            (self.reason, self.detail, self.event_id or "-", self.webhook_id or "-", self.origin)
         )
 
 
