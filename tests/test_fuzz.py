@@ -35,6 +35,7 @@ from tests.conftest import make_settings
 from worker import runtime
 from worker.api.routes import MAX_BODY_BYTES
 from worker.pipeline.fanout import MAX_NESTING, RejectedEventError, parse_event
+from worker.pipeline.sender import payload_body
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -306,6 +307,31 @@ def test_parse_event_accepts_or_rejects_with_a_known_reason(body: bytes, max_byt
     assert len(body) <= max_bytes
     assert raw == json.loads(body)
     assert raw["id"] == envelope.id
+    assert payload_body(raw)  # whatever is accepted can be sent
+
+
+@pytest.mark.parametrize(
+    ("text", "accepted"),
+    [
+        ('"\\ud83d\\ude00"', True),  # a pair, as an ASCII-only encoder writes an emoji
+        ('"\\ud800"', False),
+        ('"x\\uDC00"', False),
+        ('"\\\\ud800"', True),  # an escaped backslash, then plain letters
+    ],
+)
+def test_parse_event_refuses_a_lone_surrogate(text: str, accepted: bool) -> None:
+    body = (
+        '{"id": "evt_1", "type": "order.created", "organization_id": "org_a", '
+        f'"occurred_at": "2026-11-28T10:00:00Z", "data": {{"name": {text}}}}}'
+    ).encode()
+    if accepted:
+        _, raw = parse_event(body, 4096)
+        assert payload_body(raw)
+    else:
+        with pytest.raises(RejectedEventError) as refused:
+            parse_event(body, 4096)
+        assert refused.value.reason == "invalid_json"
+        assert "surrogate" in refused.value.detail
 
 
 def test_parse_event_accepts_a_valid_envelope() -> None:

@@ -199,6 +199,25 @@ async def test_redirect_is_a_failure_and_not_followed(
     assert receiver.at("/target") == []
 
 
+async def test_a_binary_response_body_is_recorded_and_spoils_no_batch(
+    service: Service, receiver: Receiver, broker: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    # PostgreSQL's text refuses NUL: kept as it came, this excerpt failed every batch its
+    # attempt joined, other endpoints' attempts and events with it, again at each redelivery.
+    async def png(_request: web.Request, _seen: int) -> web.Response:
+        return web.Response(body=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", content_type="image/png")
+
+    receiver.behaviours["/png"] = png
+    binary = await _webhook(service, receiver.url("/png"), ["order.created"])
+    plain = await _webhook(service, receiver.url("/plain"), ["order.created"])
+    for _ in range(3):
+        await publish_event(broker, "order.created", service.org, {})
+    answered = await _attempts(service, binary["id"], 3)
+    assert all(a["success"] for a in answered)
+    assert {a["response_body"] for a in answered} == {"\ufffdPNG\r\n\x1a\n\ufffd\ufffd\ufffd\rIHDR"}
+    assert all(a["success"] for a in await _attempts(service, plain["id"], 3))
+
+
 async def test_gone_disables_the_endpoint(
     service: Service, receiver: Receiver, broker: aio_pika.abc.AbstractRobustConnection
 ) -> None:
@@ -301,6 +320,13 @@ async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncom
             ),
             "invalid_envelope",
         ),
+        (
+            (
+                b'{"id": "evt_MARKER", "type": "order.created", "organization_id": "ORG",'
+                b' "occurred_at": "2026-01-01T00:00:00Z", "data": {"name": "\\ud800"}}'
+            ),
+            "invalid_json",
+        ),
     ],
     ids=[
         "bad-json",
@@ -312,6 +338,7 @@ async def _dead_letter(amqp_url: str, marker: str) -> aio_pika.abc.AbstractIncom
         "oversize",
         "not-a-number",
         "numeric-time",
+        "lone-surrogate",
     ],
 )
 async def test_malformed_events_are_dead_lettered_and_delivery_continues(

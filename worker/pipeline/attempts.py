@@ -45,6 +45,14 @@ def delivery_state(decision: Decision) -> DeliveryState:
     return "pending" if decision.verdict is Verdict.RETRY else "failed"
 
 
+def storable(text: str | None) -> str | None:
+    """``text`` with NUL characters replaced (U+FFFD): PostgreSQL's text refuses them, and one
+    binary response body would fail every batch its attempt was written in."""
+    if text is not None and "\x00" in text:
+        return text.replace("\x00", "\ufffd")
+    return text
+
+
 def build_attempt(
     webhook: Webhook, event: dict[str, Any], number: int, sent: Sent, decision: Decision
 ) -> Attempt:
@@ -58,9 +66,9 @@ def build_attempt(
         success=decision.verdict is Verdict.SUCCEEDED,
         status_code=sent.response.status,
         error_kind=decision.error_kind,
-        error_message=decision.error_message,
+        error_message=storable(decision.error_message),
         duration_ms=sent.duration_ms,
-        response_body=sent.response_body,
+        response_body=storable(sent.response_body),
         created_at=utcnow(),
     )
 

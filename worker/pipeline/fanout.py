@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, NoReturn
 
 import structlog
@@ -68,6 +69,14 @@ def _not_a_number(constant: str) -> NoReturn:
 
 # Made once: json.loads given an option builds a decoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_not_a_number)
+# A \u escape of a UTF-16 surrogate. A pair decodes to one character; a lone one decodes to a
+# string that cannot be encoded, so the payload could never be sent.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(raw: dict[str, Any]) -> None:
+    """Raise ``UnicodeEncodeError`` if any string of ``raw`` holds a lone surrogate."""
+    json.dumps(raw, ensure_ascii=False).encode("utf-8")
 
 
 def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, Any]]:
@@ -87,6 +96,14 @@ def parse_event(body: bytes, max_bytes: int) -> tuple[EventEnvelope, dict[str, A
         raise RejectedEventError("invalid_json", str(exc)[:500]) from None
     if not isinstance(raw, dict):
         raise RejectedEventError("invalid_envelope", "the body must be a JSON object")
+    # Only a body with a surrogate escape (as an ASCII-only encoder writes an emoji) is checked.
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            _check_text(raw)
+        except UnicodeEncodeError:
+            raise RejectedEventError(
+                "invalid_json", "a \\u escape names a lone UTF-16 surrogate, which is no character"
+            ) from None
     # A body with no more brackets than the limit cannot nest deeper: most events skip the walk.
     brackets = body.count(b"{") + body.count(b"[")
     if brackets > MAX_NESTING and _depth(raw, MAX_NESTING) > MAX_NESTING:
