@@ -68,7 +68,12 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
             settings.allowed_private_networks, trusted_hosts=egress.proxy_hosts(settings)
         ),
         ssl=ssl_context(settings.ca_bundle),
-        limit=settings.delivery_concurrency,
+        # No pool-wide limit: the scheduler bounds the attempts under way (fan-out's up to
+        # DELIVERY_CONCURRENCY, queued tasks by their prefetch, parked backlogs by half of it,
+        # each endpoint by its cap). A pool limit beside those let hanging endpoints, each
+        # within its own cap, hold every connection, and a healthy endpoint's request then
+        # waited for one inside its own timeout: recorded as a timeout, the endpoint as slow.
+        limit=0,
         ttl_dns_cache=10,
     )
     return aiohttp.ClientSession(
