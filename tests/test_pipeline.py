@@ -17,6 +17,7 @@ import standardwebhooks
 from aiohttp import web
 
 from schemas.publish import publish_event
+from tests.chaos_support import queues_idle
 from tests.conftest import (
     Received,
     Receiver,
@@ -27,8 +28,9 @@ from tests.conftest import (
     run_service,
 )
 from worker.pipeline import topology
+from worker.pipeline.writer import PipelineRecord
 from worker.store import Store, tables
-from worker.store.records import NewEvent
+from worker.store.records import AttemptRecord, NewEvent
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -181,6 +183,55 @@ async def test_schedule_exhaustion_marks_failed_and_dead_letters(
     dead = await _dead_letter(amqp_url, event.id)
     assert dead.headers["x-reason"] == "exhausted"
     assert len(receiver.at("/down")) == 3
+
+
+async def test_a_retry_whose_record_failed_is_scheduled_once(
+    service: Service,
+    receiver: Receiver,
+    broker: aio_pika.abc.AbstractRobustConnection,
+    amqp_url: str,
+) -> None:
+    """The write of attempt 2's record fails once, with the database up: the task is handled
+    again and attempt 2 sent again, but only one retry follows it. Published beside the
+    failed write, the first retry started a second chain of attempts to the end."""
+
+    async def always_503(_request: web.Request, _seen: int) -> web.Response:
+        return web.Response(status=503, headers={"Retry-After": "0"})
+
+    receiver.behaviours["/down"] = always_503
+    webhook = await _webhook(service, receiver.url("/down"), ["order.created"])
+    worker = service.running.worker
+    assert worker is not None
+    writer = worker._writer
+    write = writer._write
+    failed_once: list[int] = []
+
+    async def failing_once(batch: list[PipelineRecord]) -> None:
+        second = [r for r in batch if isinstance(r, AttemptRecord) and r.attempt.attempt == 2]
+        if second and not failed_once:
+            failed_once.append(1)
+            raise RuntimeError("injected: the batch with attempt 2 is not written")
+        await write(batch)
+
+    writer._write = failing_once
+    event = await publish_event(broker, "order.created", service.org, {})
+
+    async def settled() -> bool:
+        state = await service.store.events.delivery_state(event.id, webhook["id"])
+        return (
+            state == "failed"
+            and not worker._handlers  # no message taken up, none waiting to be requeued
+            and await queues_idle(
+                amqp_url, service.running.settings.retry_schedule,
+                service.running.settings.retry_jitter,
+            )
+        )  # fmt: skip
+
+    await eventually(settled, what="the delivery failed for good and nothing left queued")
+    assert failed_once
+    numbers = sorted(int(str(a["attempt"])) for a in await _attempts(service, webhook["id"], 3))
+    assert numbers == [1, 2, 3]  # attempt 2 sent twice, recorded once
+    assert len(receiver.at("/down")) == 4
 
 
 async def test_redirect_is_a_failure_and_not_followed(

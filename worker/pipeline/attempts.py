@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -266,27 +266,34 @@ class AttemptRunner:
         attempt = build_attempt(webhook, task.event, task.attempt, sent, decision)
         next_at = now + timedelta(seconds=decision.next_delay) if decision.next_delay else None
         record = AttemptRecord(attempt, delivery_state(decision), next_at)
-        durable: list[Awaitable[None]] = []
+        follow_up: Coroutine[Any, Any, None] | None = None
         if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
             tier = topology.retry_queue_name(decision.next_delay)
             retry = task.model_copy(update={"attempt": task.attempt + 1})
             # The next attempt continues the same parent: attempts are siblings in a trace.
             headers = task_headers(task.webhook_id, span.parent)
-            durable.append(self._publisher.to_queue(tier, retry.encode(), headers))
-            self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
+            follow_up = self._publisher.to_queue(tier, retry.encode(), headers)
         elif decision.verdict is Verdict.FAILED:
-            durable.append(
-                self._publisher.dead_letter(
-                    task.encode() if body is None else body,
-                    "exhausted",
-                    decision.error_message or "",
-                )
+            follow_up = self._publisher.dead_letter(
+                task.encode() if body is None else body, "exhausted", decision.error_message or ""
             )
-        if parked:
-            await asyncio.gather(*durable)
+        if follow_up is None:
             await self._writer.write(record)
-        elif durable:
-            await asyncio.gather(self._writer.write(record), *durable)
+        elif parked:
+            # No message stands for a parked delivery: what follows it is confirmed before the
+            # record takes it out of the backlog.
+            await follow_up
+            await self._writer.write(record)
         else:
-            await self._writer.write(record)  # a success: no task for gather to wrap it in
+            # The record first: a write that fails has the message handled again from the
+            # start, and a retry confirmed beside it would have started a second chain of
+            # retries. Should the publish fail instead, the message comes back all the same.
+            try:
+                await self._writer.write(record)
+            except BaseException:
+                follow_up.close()  # not to be sent now: closed, not left unawaited
+                raise
+            await follow_up
+        if decision.verdict is Verdict.RETRY and decision.next_delay is not None:
+            self._metrics.retries_scheduled.labels(f"{decision.next_delay:g}").inc()
         await self._effects.after(webhook, task.event, attempt, decision, now)
