@@ -1,7 +1,7 @@
 """How fast the machine's cores are at a given moment: a fixed piece of pure-Python work, timed.
 
 The hosts these benchmarks run on share their physical cores with other guests, and a core's
-speed drifts with that neighbours' load, within minutes: the same loop took 0.74 s and 1.30 s
+speed drifts with their load, within minutes: the same loop took 0.74 s and 1.30 s
 on one core within a minute, with nothing else of ours running. Every rate and CPU time of a
 run drifts with it. Ratios of two sides measured in turn cancel a drift that is slow, not one
 that changes between the turns. The probe, taken just before each side runs, says which case
