@@ -130,6 +130,10 @@ async def test_deliveries_of_new_endpoint_is_empty_page(
         ({"url": "https://example.com/h"}, "events"),
         ({"url": "https://example.com/h", "events": ["order.created"], "colour": "red"}, "colour"),
         ({"url": "https://u:p@example.com/h", "events": ["order.created"]}, "credentials"),
+        # Host names that no resolver could even encode.
+        ({"url": "https://a..com/x", "events": ["order.created"]}, "url: 'a..com' is not a"),
+        ({"url": "https://.com/x", "events": ["order.created"]}, "url: '.com' is not a valid"),
+        ({"url": f"https://{'a' * 70}.com/x", "events": ["order.created"]}, "url: 'aaa"),
     ],
 )
 async def test_create_rejects_invalid_input(
@@ -157,6 +161,7 @@ async def test_patch_rejects_null_and_unknown(service: Service, receiver: Receiv
         {"enabled": None},
         {"secret": "x"},
         {"events": []},
+        {"url": "https://a..com/x"},
     ]
     for change in changes:
         status, body = await service.call("PATCH", f"/webhooks/{created['id']}", change)

@@ -353,3 +353,36 @@ async def test_a_special_use_name_inside_allowed_private_networks_is_accepted() 
         await guard.check_host("localhost", allowed, resolver=StaticResolver("10.0.0.1"))
     with pytest.raises(guard.BlockedAddressError):
         await guard.check_host("db.internal", allowed, resolver=StaticResolver())
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a..com",
+        ".com",
+        ".",
+        "example.com..",
+        "a" * 70 + ".com",  # a label over 63 characters
+        "é" * 60 + ".com",  # under 63 characters, over once encoded
+        "xn--",
+        "xn--zz.example",  # not punycode
+        ("a" * 60 + ".") * 5 + "com",  # over 253 characters in all
+    ],
+)
+async def test_names_that_could_never_resolve_are_refused(host: str) -> None:
+    with pytest.raises(guard.InvalidHostError, match="not a valid host name"):
+        guard.check_host_name(host)
+    # Refused before any lookup: the resolver's IDNA codec raises UnicodeError on them.
+    resolver = StaticResolver("93.184.216.34")
+    with pytest.raises(guard.InvalidHostError):
+        await guard.check_host(host, (), resolver=resolver)
+    assert resolver.asked == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["example.com", "example.com.", "bücher.example", "xn--bcher-kva.example",
+     "_acme.example.com", "a" * 63 + ".com"],
+)  # fmt: skip
+def test_valid_names_pass_the_name_check(host: str) -> None:
+    guard.check_host_name(host)

@@ -235,6 +235,8 @@ async def validate_url(request: web.Request, raw: str) -> str:
         await guard.check_host(url.host, allowed)
     except guard.BlockedAddressError as exc:
         raise ApiError(400, "validation_error", f"url: not publicly reachable: {exc}") from None
+    except guard.InvalidHostError as exc:
+        raise ApiError(400, "validation_error", f"url: {exc}") from None
     return raw
 
 

@@ -63,6 +63,15 @@ class BlockedAddressError(OSError):
     """The destination is not publicly reachable. An ``OSError`` so aiohttp passes it through."""
 
 
+class InvalidHostError(ValueError):
+    """The host is no name DNS could ever resolve."""
+
+
+# RFC 1035's bounds, on a name's ASCII (IDNA) form: 63 octets a label, 253 the whole name.
+MAX_LABEL_LENGTH = 63
+MAX_NAME_LENGTH = 253
+
+
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address carries, for the transition forms that carry one."""
     packed = address.packed
@@ -198,6 +207,34 @@ def special_use(host: str) -> str | None:
     return None
 
 
+def check_host_name(host: str) -> None:
+    """Raise :class:`InvalidHostError` unless ``host`` could be resolved at all: no empty
+    label, each label valid IDNA of at most 63 characters once encoded (an ``xn--`` label must
+    decode too), 253 characters in all; one trailing dot is the root's and allowed.
+
+    The resolver encodes a name with the same IDNA codec and raises ``UnicodeError``, not
+    ``OSError``, for a name it cannot encode: checked first, such a name is a plain refusal.
+    """
+    shown = repr(host) if len(host) <= 80 else repr(host[:60]) + "…"
+    encoded_length = -1  # no dot before the first label
+    for label in host.removesuffix(".").split("."):
+        if not label:
+            raise InvalidHostError(f"{shown} is not a valid host name: it has an empty label")
+        try:
+            encoded = label.encode("idna")
+            encoded.decode("idna")
+        except UnicodeError:
+            raise InvalidHostError(
+                f"{shown} is not a valid host name: a label is not valid IDNA, or longer than "
+                f"{MAX_LABEL_LENGTH} characters once encoded"
+            ) from None
+        encoded_length += len(encoded) + 1
+    if encoded_length > MAX_NAME_LENGTH:
+        raise InvalidHostError(
+            f"{shown} is not a valid host name: longer than {MAX_NAME_LENGTH} characters"
+        )
+
+
 async def check_host(
     host: str,
     allowed: Sequence[IPNetwork],
@@ -210,12 +247,14 @@ async def check_host(
     IP literals are checked as they are; names are resolved (by the system, or by
     ``resolver`` when one is given: tests use that to stand in for DNS) and every address
     checked. A name that does not resolve now is accepted (DNS may be briefly unavailable):
-    the delivery-time check still applies to whatever it resolves to later.
+    the delivery-time check still applies to whatever it resolves to later. A name that never
+    could is :class:`InvalidHostError` (see :func:`check_host_name`).
     """
     literal = parse_ip_literal(host)
     if literal is not None:
         check_addresses(host, [str(literal)], allowed)
         return
+    check_host_name(host)
     reason = special_use(host)
     if reason is not None:
         await _check_special_use(host, reason, allowed, resolve_timeout, resolver)
