@@ -130,10 +130,18 @@ async def test_deliveries_of_new_endpoint_is_empty_page(
         ({"url": "https://example.com/h"}, "events"),
         ({"url": "https://example.com/h", "events": ["order.created"], "colour": "red"}, "colour"),
         ({"url": "https://u:p@example.com/h", "events": ["order.created"]}, "credentials"),
-        # Host names that no resolver could even encode.
+        # Host names that no resolver could even encode, and an xn-- label that is no punycode.
         ({"url": "https://a..com/x", "events": ["order.created"]}, "url: 'a..com' is not a"),
         ({"url": "https://.com/x", "events": ["order.created"]}, "url: '.com' is not a valid"),
         ({"url": f"https://{'a' * 70}.com/x", "events": ["order.created"]}, "url: 'aaa"),
+        ({"url": "https://xn--/x", "events": ["order.created"]}, "url: 'xn--' is not a valid"),
+        # Whitespace and control characters, which would be stored but not sent as given.
+        ({"url": "https://example.com/x\n", "events": ["order.created"]}, "url: whitespace"),
+        ({"url": " https://example.com/x", "events": ["order.created"]}, "url: whitespace"),
+        ({"url": "https://example.com/x\u0000y", "events": ["order.created"]}, "url: white"),
+        ({"url": "https://example.com/x\ty", "events": ["order.created"]}, "url: whitespace"),
+        ({"url": "https://exa mple.com/x", "events": ["order.created"]}, "url: whitespace"),
+        ({"url": "https://example.com:0/x", "events": ["order.created"]}, "url: port 0"),
     ],
 )
 async def test_create_rejects_invalid_input(
@@ -162,6 +170,8 @@ async def test_patch_rejects_null_and_unknown(service: Service, receiver: Receiv
         {"secret": "x"},
         {"events": []},
         {"url": "https://a..com/x"},
+        {"url": "https://xn--/x"},
+        {"url": "https://example.com/x\n"},
     ]
     for change in changes:
         status, body = await service.call("PATCH", f"/webhooks/{created['id']}", change)

@@ -12,14 +12,13 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
-from yarl import URL
 
 from schemas import api as models
+from worker.api import urls
 from worker.api.appkeys import ATTEMPTS, JWT_VERIFIER, METRICS, NOTIFIER, SETTINGS, STORE
 from worker.api.jwt_tokens import InvalidJwtError, looks_like_jwt
 from worker.api.ratelimit import RateLimiter
 from worker.api.resources import webhook_resource, with_secret
-from worker.pipeline import guard
 from worker.store.records import Attempt, Token, Webhook
 
 BASE = "/api/v2"
@@ -214,30 +213,10 @@ async def own_webhook(request: web.Request) -> Webhook:
 
 async def validate_url(request: web.Request, raw: str) -> str:
     """An https URL on a publicly reachable host (http only inside allowed private networks)."""
-    allowed = request.app[SETTINGS].allowed_private_networks
     try:
-        url = URL(raw)
-    except (ValueError, TypeError):
-        raise ApiError(400, "validation_error", f"url: not a valid URL: {raw!r}") from None
-    if url.scheme not in ("https", "http") or not url.host or not url.is_absolute():
-        raise ApiError(400, "validation_error", "url: must be an absolute https:// URL")
-    if url.user or url.password:
-        raise ApiError(400, "validation_error", "url: credentials in the URL are not allowed")
-    if url.fragment:
-        raise ApiError(400, "validation_error", "url: a fragment is never sent; remove it")
-    literal = guard.parse_ip_literal(url.host)
-    if url.scheme == "http" and not (
-        literal is not None
-        and any(literal in net for net in allowed if net.version == literal.version)
-    ):
-        raise ApiError(400, "validation_error", "url: must use https")
-    try:
-        await guard.check_host(url.host, allowed)
-    except guard.BlockedAddressError as exc:
-        raise ApiError(400, "validation_error", f"url: not publicly reachable: {exc}") from None
-    except guard.InvalidHostError as exc:
+        return await urls.check_url(raw, request.app[SETTINGS].allowed_private_networks)
+    except urls.InvalidUrlError as exc:
         raise ApiError(400, "validation_error", f"url: {exc}") from None
-    return raw
 
 
 async def _notify_change(request: web.Request) -> None:
