@@ -162,6 +162,22 @@ async def test_create_rejects_bad_json(service: Service) -> None:
         assert body["error"]["code"] == "validation_error"
 
 
+async def test_deep_nesting_within_the_size_limit_is_a_400(service: Service) -> None:
+    headers = '{"a": ' * 5_000 + "1" + "}" * 5_000
+    for raw in (
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"url": "https://example.com/h", "events": ["order.created"], "headers": '
+        + headers.encode()
+        + b"}",
+    ):
+        status, body = await service.call("POST", "/webhooks", data=raw)
+        assert status == 400, body
+        assert body["error"] == {
+            "code": "validation_error",
+            "message": "body is nested too deeply to parse",
+        }
+
+
 async def test_patch_rejects_null_and_unknown(service: Service, receiver: Receiver) -> None:
     created = await _create(service, receiver)
     changes: list[dict[str, object]] = [

@@ -171,6 +171,9 @@ async def _body(request: web.Request, model: type[M]) -> M:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "validation_error", f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Deep nesting fits in the size limit and exhausts the parser's stack first.
+        raise ApiError(400, "validation_error", "body is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise ApiError(400, "validation_error", "body must be a JSON object")
     try:
