@@ -22,13 +22,23 @@ def parse_rfc3339(value: Any) -> datetime:  # noqa: ANN401 - whatever the reques
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("a time needs its UTC offset")
-        return value.astimezone(UTC)
+        return _utc(value)
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ValueError("not an RFC 3339 time, e.g. 2026-11-28T10:00:00Z")
     try:
-        return datetime.fromisoformat(value.upper().replace(" ", "T")).astimezone(UTC)
+        parsed = datetime.fromisoformat(value.upper().replace(" ", "T"))
     except ValueError:
         raise ValueError("not a valid RFC 3339 time, e.g. 2026-11-28T10:00:00Z") from None
+    return _utc(parsed)
+
+
+def _utc(value: datetime) -> datetime:
+    # A time at the edge of years 1 or 9999 (0001-01-01T00:00:00+01:00) is valid RFC 3339,
+    # but its UTC instant lies outside what a datetime holds.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range: in UTC it falls outside the years 1 to 9999") from None
 
 
 Rfc3339 = Annotated[

@@ -195,6 +195,9 @@ async def test_another_orgs_event_is_not_found(service: Service) -> None:
         ("since=2026-11-28T10:00:00", "since"),  # no offset
         ("since=1700000000", "since"),
         ("since=2026-11-28T10:00:00Z&until=2026-11-27T10:00:00Z", "until"),
+        # Valid RFC 3339, but before year 1 or after 9999 once in UTC.
+        ("since=0001-01-01T00:00:00%2B01:00", "since: Value error, out of range"),
+        ("until=9999-12-31T23:59:59-01:00", "until: Value error, out of range"),
         ("type=", "type"),
         ("limit=0", "limit"),
     ],
@@ -260,6 +263,18 @@ async def test_deliveries_filter_by_event_type_and_time(
         status, body = await service.call("GET", f"{base}?{query}")
         assert status == 400, query
         assert body["error"]["code"] == "validation_error"
+    for name, value in (
+        ("since", "0001-01-01T00:00:00%2B01:00"),
+        ("until", "9999-12-31T23:59:59-01:00"),
+    ):
+        status, body = await service.call("GET", f"{base}?{name}={value}")
+        assert status == 400, body
+        assert body["error"]["message"].startswith(f"{name}: Value error, out of range"), body
+    # The first and last instants that are in range are answered as any other.
+    edges = "since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59.999999Z"
+    assert await listed(edges) == ids[::-1]
+    status, body = await service.call("GET", f"/events?{edges}")
+    assert status == 200, body
 
 
 # --- stats -----------------------------------------------------------------------------------

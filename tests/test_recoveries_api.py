@@ -268,6 +268,7 @@ def _ago(**delta: float) -> str:
         ({"since": "yesterday"}, "since"),
         ({"since": "2026-11-28"}, "since"),
         ({"since": _ago(hours=1), "until": "soon"}, "until"),
+        ({"since": _ago(hours=1), "until": "9999-12-31T23:59:59-01:00"}, "until: Value error"),
         ({"since": _ago(hours=-1)}, "future"),
         ({"since": _ago(hours=1), "status": "succeeded"}, "status"),
         ({"since": _ago(hours=1), "bogus": 1}, "bogus"),
