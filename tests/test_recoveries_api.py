@@ -3,6 +3,7 @@ the migrations build, compared with the tables."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -229,6 +230,22 @@ async def test_recover_and_follow_its_progress(service: Service, receiver: Recei
     status, fetched = await service.call("GET", path)
     assert (fetched["state"], fetched["queued"]) == ("done", 3)
     assert fetched["finished_at"] is not None
+
+
+@pytest.mark.usefixtures("runner_leaves_recoveries_alone")
+async def test_the_same_window_at_once_is_one_recovery(
+    service: Service, receiver: Receiver
+) -> None:
+    webhook = await _webhook(service, receiver)
+    window = {"since": _ago(hours=1), "until": _ago(minutes=1)}
+    answers = await asyncio.gather(
+        *(service.call("POST", f"/webhooks/{webhook}/recover", window) for _ in range(20))
+    )
+    assert {status for status, _ in answers} == {202}
+    assert len({recovery["id"] for _, recovery in answers}) == 1
+    assert (
+        len([r for r in await service.store.recoveries.running() if r.webhook_id == webhook]) == 1
+    )
 
 
 async def test_recoveries_of_another_org_are_not_found(

@@ -25,6 +25,8 @@ crash. ``total`` is the number matching at creation; ``queued`` the number parke
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from datetime import datetime
 from typing import Any
 
@@ -87,6 +89,11 @@ class RecoveryRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._postgresql = engine.dialect.name == "postgresql"
+        # SQLite has no row lock to serialize creations for one endpoint; there, the one
+        # process that serves the API does, with a lock per endpoint held while it is asked for.
+        self._creating: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def create(
         self,
@@ -103,6 +110,22 @@ class RecoveryRepository:
         ``MAX_RECOVERY_DELIVERIES`` deliveries match. The caller checks that the endpoint is
         the organization's and enabled, and that the window is valid.
         """
+        if self._postgresql:
+            return await self._create(org_id, webhook_id, since, until, status)
+        lock = self._creating.get(webhook_id)
+        if lock is None:
+            lock = self._creating[webhook_id] = asyncio.Lock()
+        async with lock:
+            return await self._create(org_id, webhook_id, since, until, status)
+
+    async def _create(
+        self,
+        org_id: str,
+        webhook_id: str,
+        since: datetime,
+        until: datetime | None,
+        status: RecoveryStatus,
+    ) -> Recovery:
         now = utcnow()
         async with self._engine.begin() as connection:
             if self._postgresql:
