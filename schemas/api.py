@@ -63,6 +63,8 @@ TimeoutSeconds = Annotated[
         "service's DELIVERY_TIMEOUT, which is also the default (null).",
     ),
 ]
+# Strict, as Ordered: "no" or 0 read as a boolean would turn an endpoint on or off by accident.
+Enabled = Annotated[bool, Field(strict=True)]
 Ordered = Annotated[
     bool,
     Field(
@@ -93,7 +95,7 @@ class WebhookCreate(BaseModel):
     url: Url = Field(description="An https URL on a publicly reachable host.")
     events: EventList
     description: Description = ""
-    enabled: bool = True
+    enabled: Enabled = True
     headers: Headers = None
     rate_limit: RateLimit = None
     timeout_seconds: TimeoutSeconds = None
@@ -108,7 +110,7 @@ class WebhookUpdate(BaseModel):
 
     url: Url | None = None
     events: EventList | None = Field(default=None, description="Replaces the whole list.")
-    enabled: bool | None = Field(default=None, description="false pauses delivery at once.")
+    enabled: Enabled | None = Field(default=None, description="false pauses delivery at once.")
     description: Description | None = None
     headers: Headers = Field(default=None, description="Replaces the whole set; null: none.")
     rate_limit: RateLimit = None

@@ -195,6 +195,19 @@ async def test_patch_rejects_null_and_unknown(service: Service, receiver: Receiv
         assert body["error"]["code"] == "validation_error"
 
 
+async def test_enabled_is_a_json_boolean_only(service: Service, receiver: Receiver) -> None:
+    created = await _create(service, receiver)
+    for value in ("yes", "no", "true", 1, 0):
+        body = {"url": receiver.url("/hook"), "events": ["order.created"], "enabled": value}
+        for method, path in (("POST", "/webhooks"), ("PATCH", f"/webhooks/{created['id']}")):
+            status, answer = await service.call(method, path, body)
+            assert status == 400, (method, value, answer)
+            assert answer["error"]["code"] == "validation_error"
+            assert answer["error"]["message"].startswith("enabled: Input should be a valid bool")
+    status, listing = await service.call("GET", "/webhooks")
+    assert [(w["id"], w["enabled"]) for w in listing["data"]] == [(created["id"], True)]
+
+
 async def test_oversized_body_is_413(service: Service) -> None:
     status, body = await service.call(
         "POST", "/webhooks", {"url": "https://example.com", "events": ["order.created"],
