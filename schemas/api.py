@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from schemas.events import EVENT_TYPES, EventType
+from schemas.events import EVENT_TYPES, EventType, KnownEventType
 from schemas.headers import CustomHeaders
 from schemas.times import Rfc3339
 
@@ -260,6 +260,8 @@ class ListQuery(BaseModel):
 class AttemptListQuery(ListQuery):
     status: Literal["succeeded", "failed"] | None = None
     event_id: str | None = Field(default=None, min_length=1, max_length=100)
-    event_type: str | None = Field(default=None, min_length=1, max_length=100)
+    event_type: KnownEventType | None = Field(
+        default=None, description="A subscribable type, or webhook.test."
+    )
     since: Rfc3339 | None = Field(default=None, description="Attempts made at or after.")
     until: Rfc3339 | None = Field(default=None, description="Attempts made at or before.")

@@ -7,12 +7,12 @@ the route table uses both.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.api import ListQuery
-from schemas.events import EVENT_TYPES, TEST_EVENT_TYPE
+from schemas.events import TEST_EVENT_TYPE, KnownEventType
 from schemas.times import Rfc3339
 
 EVENT_DESCRIPTIONS: dict[str, str] = {
@@ -26,8 +26,8 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     "ticket.updated": "A support ticket changed.",
     TEST_EVENT_TYPE: "Sent by POST /webhooks/{id}/test only; not subscribable.",
 }
-# Every subscribable type, then the test event.
-LISTED_EVENT_TYPES: tuple[str, ...] = (*EVENT_TYPES, TEST_EVENT_TYPE)
+# Every subscribable type, then the test event: the types the event filters take.
+LISTED_EVENT_TYPES: tuple[str, ...] = get_args(KnownEventType)
 
 
 def delivered_body_schema(event_type: str) -> dict[str, Any]:
@@ -110,7 +110,9 @@ class EventList(BaseModel):
 
 
 class EventListQuery(ListQuery):
-    type: str | None = Field(default=None, min_length=1, max_length=100)
+    type: KnownEventType | None = Field(
+        default=None, description="A subscribable type, or webhook.test."
+    )
     since: Rfc3339 | None = Field(default=None, description="Received at or after.")
     until: Rfc3339 | None = Field(default=None, description="Received at or before.")
 

@@ -28,6 +28,8 @@ EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
 
 # Sent by `POST /webhooks/{id}/test`; never published upstream and not subscribable.
 TEST_EVENT_TYPE: Final = "webhook.test"
+# Every type an event or an attempt may have: what a filter of the API may name.
+KnownEventType = Literal[EventType, "webhook.test"]
 
 SCHEMA_FILE = Path(__file__).parent / "event-envelope.schema.json"
 ORGANIZATION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"

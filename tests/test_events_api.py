@@ -199,6 +199,8 @@ async def test_another_orgs_event_is_not_found(service: Service) -> None:
         ("since=0001-01-01T00:00:00%2B01:00", "since: Value error, out of range"),
         ("until=9999-12-31T23:59:59-01:00", "until: Value error, out of range"),
         ("type=", "type"),
+        ("type=nope.nope", "type: Input should be 'order.created'"),
+        ("type=order.deleted", "type: Input should be"),
         ("limit=0", "limit"),
     ],
 )
@@ -263,6 +265,10 @@ async def test_deliveries_filter_by_event_type_and_time(
         status, body = await service.call("GET", f"{base}?{query}")
         assert status == 400, query
         assert body["error"]["code"] == "validation_error"
+    status, body = await service.call("GET", f"{base}?event_type=nope")
+    assert status == 400, body
+    assert body["error"]["message"].startswith("event_type: Input should be 'order.created'")
+    assert await listed("event_type=webhook.test") == []  # a known type, of no attempt here
     for name, value in (
         ("since", "0001-01-01T00:00:00%2B01:00"),
         ("until", "9999-12-31T23:59:59-01:00"),
