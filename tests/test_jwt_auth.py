@@ -297,6 +297,14 @@ REFUSED: dict[str, tuple[Callable[[SigningKey, str], str], str]] = {
         "the token has no valid org_id claim",
     ),
     "no exp": (lambda k, org: sign(k, claims_for(org, exp=None)), "lacks the exp claim"),
+    "iat before year 1": (
+        lambda k, org: sign(k, claims_for(org, iat=-(10**15))),
+        "the token's iat claim is not a valid time",
+    ),
+    "iat far before year 1, as a float": (
+        lambda k, org: sign(k, claims_for(org, iat=-1e300)),
+        "the token's iat claim is not a valid time",
+    ),
 }
 
 

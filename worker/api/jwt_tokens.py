@@ -217,9 +217,13 @@ class JwtVerifier:
         else:
             token_id = f"jwt:{hashlib.sha256(token.encode()).hexdigest()[:16]}"
         issued = claims.get("iat")
-        created = datetime.fromtimestamp(
-            issued if isinstance(issued, int | float) else time.time(), UTC
-        )
+        try:
+            created = datetime.fromtimestamp(
+                issued if isinstance(issued, int | float) else time.time(), UTC
+            )
+        except (OverflowError, OSError, ValueError):
+            # PyJWT refuses an iat in the future only; one far in the past is no datetime.
+            raise InvalidJwtError("the token's iat claim is not a valid time") from None
         return Token(
             id=token_id, org_id=org_id, name=subject if isinstance(subject, str) else "",
             scopes=token_scopes(claims), created_at=created, revoked_at=None, last_used_at=None,
