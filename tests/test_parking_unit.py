@@ -115,7 +115,11 @@ class FakeRunner:
 class Harness:
     def __init__(self, backlog: FakeBacklog, *, sent: bool = True, global_cap: int = 256) -> None:
         self.clock = FakeClock()
-        self.scheduler = Scheduler(cap=CAP, global_cap=256, defer_tiers=TIERS, clock=self.clock)
+        self.ordered: set[str] = set()
+        self.scheduler = Scheduler(
+            cap=CAP, global_cap=256, defer_tiers=TIERS, ordered=self.ordered.__contains__,
+            clock=self.clock,
+        )  # fmt: skip
         self.backlog = backlog
         self.runner = FakeRunner(self.scheduler, self.clock, sent=sent)
         self.feeders: list[asyncio.Task[None]] = []
@@ -259,3 +263,21 @@ async def test_the_backlogs_share_half_the_worker_s_concurrency() -> None:
     await h.finish()
     assert h.runner.most_at_once == 3
     assert len(h.runner.attempts) == 20
+
+
+async def test_a_backlog_whose_endpoint_turns_ordered_is_handed_back_to_its_lane() -> None:
+    h = Harness(FakeBacklog(30))
+    measure(h.scheduler, h.clock, WEBHOOK, 0.1)
+    assert await h.sweeper.sweep() == 20
+    await h.settle()
+    assert h.runner.at_once == CAP
+    h.ordered.add(WEBHOOK)  # PATCH ordered=true while the first attempts are under way
+    await h.finish()
+    # The attempts under way end; what was still in line is not attempted but handed back.
+    assert [t.event_id for t in h.runner.attempts] == [f"evt_{i:03}" for i in range(CAP)]
+    assert await h.sweeper.sweep() == 0  # and nothing more is leased
+    returned = sorted(event_id for ids, _ in h.backlog.held for event_id in ids)
+    assert returned == [f"evt_{i:03}" for i in range(CAP, 20)]
+    assert all(until <= utcnow() for _, until in h.backlog.held)  # free for the lane at once
+    assert h.backlog.leases == [20]
+    assert WEBHOOK not in h.scheduler.parked()

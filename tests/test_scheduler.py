@@ -131,7 +131,7 @@ def test_a_slow_endpoint_saturates_is_parked_and_is_released_as_it_recovers() ->
     room = s.room("wh_slow", 0.5)
     seconds = s.view("wh_slow").response_seconds
     assert seconds is not None
-    assert room == min(sched.MAX_RELEASE, round(4 * 0.5 / seconds))
+    assert room == min(endpoint_state.MAX_RELEASE, round(4 * 0.5 / seconds))
     s.drained("wh_slow", s.park_mark("wh_slow"))
     assert s.parked() == []
     assert decided(s.offer("wh_slow", Source.NEW)).route is Route.START
@@ -148,6 +148,39 @@ def test_a_sweep_that_found_nothing_does_not_clear_a_backlog_parked_while_it_ran
     mark = s.park_mark("wh_a")
     s.drained("wh_a", mark)  # a later sweep finds it empty, and nothing came in between
     assert s.parked() == []
+
+
+def test_an_endpoint_made_ordered_has_its_backlog_and_its_tasks_left_to_its_lane() -> None:
+    ordered: set[str] = set()
+    clock = FakeClock()
+    s = Scheduler(
+        cap=4, global_cap=256, defer_tiers=TIERS, ordered=ordered.__contains__, clock=clock
+    )
+    measure(s, clock, "wh_a", 1.0)  # slow: at its cap, new deliveries are parked
+    tickets = [decided(s.offer("wh_a", Source.TASK)).ticket for _ in range(4)]
+    assert decided(s.offer("wh_a", Source.NEW)).route is Route.PARK
+    for ticket in tickets:
+        s.finished("wh_a", ticket)
+    assert s.parked() == ["wh_a"]
+    assert s.room("wh_a", 0.5) > 0  # the sweeper would lease a few of the backlog now
+
+    ordered.add("wh_a")  # PATCH ordered=true
+    # The sweeper leaves the backlog to the lane, and stops asking about it.
+    assert s.parked() == []
+    assert not s.view("wh_a").parked
+    # Whatever else is offered for it goes to the backlog, in which the lane sends it in order:
+    # a delivery the sweeper had leased already, a task queued before the change, a new one.
+    for source in (Source.BACKLOG, Source.TASK, Source.NEW):
+        assert decided(s.offer("wh_a", source)).route is Route.PARK
+    assert s.view("wh_a").in_flight == 0
+    # Only the lane's offer starts an attempt.
+    lane = decided(s.offer("wh_a", Source.LANE))
+    assert lane.route is Route.START
+    s.finished("wh_a", lane.ticket)
+
+    ordered.discard("wh_a")  # no longer ordered: an adoption hands its backlog to the sweeper
+    s.adopt(["wh_a"])
+    assert s.parked() == ["wh_a"]
 
 
 def test_deferral_turns_spread_a_slow_endpoints_backlog_over_the_tiers() -> None:

@@ -381,3 +381,59 @@ async def test_concurrent_leases_never_get_the_same_row(postgres_url: str, org: 
         taken = [event_id for rows in leased for event_id, _, _ in rows]
         assert len(taken) == len(set(taken))
         assert set(taken) <= set(more_ids)
+
+
+def _first(event_id: str, webhook_id: str, org: str, *, success: bool) -> AttemptRecord:
+    """Attempt 1: a success, or a failure whose retry is due in a minute."""
+    attempt = Attempt(
+        id=f"att_{secrets.token_hex(6)}", webhook_id=webhook_id, org_id=org, event_id=event_id,
+        event_type="order.created", attempt=1, success=success,
+        status_code=200 if success else 503, error_kind=None if success else "http_status",
+        error_message=None if success else "HTTP 503", duration_ms=17, response_body=None,
+        created_at=utcnow(),
+    )  # fmt: skip
+    if success:
+        return AttemptRecord(attempt, "succeeded", None)
+    return AttemptRecord(attempt, "pending", utcnow() + timedelta(minutes=1))
+
+
+async def test_a_task_that_comes_round_for_an_ordered_endpoint_parks_its_delivery(
+    store: Store, org: str
+) -> None:
+    endpoint = await store.endpoints.create(
+        org, "https://example.com/ordered", ["order.created"], "", enabled=True
+    )
+    event_ids = [f"evt_task{i}_{secrets.token_hex(4)}" for i in range(3)]
+    for event_id in event_ids:
+        envelope = {"id": event_id, "type": "order.created", "organization_id": org,
+                    "occurred_at": T0.isoformat(), "data": {}}  # fmt: skip
+        await store.pipeline.write_batch([NewEvent(envelope, T0, (endpoint.id,))])
+    first, retried, done = event_ids
+    await store.pipeline.write_batch(
+        [
+            _first(retried, endpoint.id, org, success=False),
+            _first(done, endpoint.id, org, success=True),
+        ]
+    )
+
+    # A queued first attempt, and a retry: each delivery joins the backlog as it stands, its
+    # attempts (the lane makes the next) and its retry's time kept.
+    assert await store.parked.park(endpoint.id, first, 1)
+    assert await store.parked.park(endpoint.id, retried, 2)
+    progress = await store.events.progress(retried)
+    assert progress[endpoint.id] == ("parked", 1)
+    assert await store.parked.count(endpoint.id) == 2
+    # A duplicate of a task already parked, or of one whose delivery ended, has nothing to do.
+    assert await store.parked.park(endpoint.id, retried, 2)
+    assert await store.parked.park(endpoint.id, done, 2)
+    assert await store.events.delivery_state(done, endpoint.id) == "succeeded"
+    assert await store.parked.park(endpoint.id, "evt_never_stored", 1)
+
+    # A sweep's retry that came round before the attempt it follows was recorded: parked now,
+    # the record would make the delivery pending again, with nothing left to send it.
+    swept, (leased,) = await _park(store, org, 1)
+    assert len(await store.parked.lease(swept, 1, seconds=60)) == 1
+    assert not await store.parked.park(swept, leased, 2)  # to come round again
+    await store.pipeline.write_batch([_first(leased, swept, org, success=False)])
+    assert await store.parked.park(swept, leased, 2)
+    assert (await store.events.progress(leased))[swept] == ("parked", 1)

@@ -3,7 +3,10 @@
 Each task is offered to the per-endpoint scheduler first, by the endpoint named in its header
 and before its body is parsed, so a slow endpoint's backlog costs no parsing and no database
 read each time it comes round. The scheduler starts it, makes it wait in memory for a fast
-endpoint's next free slot, or defers it through the broker for a slow endpoint at its cap.
+endpoint's next free slot, or defers it through the broker for a slow endpoint at its cap. A
+task for an ordered endpoint (one that turned ordered while the task was queued) is not sent
+here: its delivery is parked into the endpoint's backlog, which the endpoint's lane sends one at
+a time, in order.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from worker.pipeline.publisher import Publisher
 from worker.pipeline.scheduler import Scheduler
 from worker.pipeline.settle import Settler
 from worker.pipeline.tasks import DeliveryTask
+from worker.store.parked import ParkedDeliveries
 
 log = structlog.get_logger("sellfern_webhooks.deliveries")
 
@@ -36,8 +40,10 @@ class DeliveriesConsumer:
         settler: Settler,
         metrics: Metrics,
         tracing: Tracing,
+        backlog: ParkedDeliveries,
     ) -> None:
         self._scheduler = scheduler
+        self._backlog = backlog
         self._runner = runner
         self._publisher = publisher
         self._settler = settler
@@ -69,17 +75,19 @@ class DeliveriesConsumer:
         count = deferrals if isinstance(deferrals, int) else 0
         decision = await self._scheduler.admit(hinted, Source.TASK, count)
         if decision.route is Route.DEFER:
-            await self._publisher.to_queue(
-                topology.deferred_queue_name(decision.delay),
-                body,
-                {**headers, topology.DEFERRALS_HEADER: count + 1},
-            )
-            self._metrics.deferred.inc()
+            await self._defer(body, headers, decision.delay, count)
             return
         task = task or self._parse(body)
         if task is None or task.webhook_id != hinted:
-            self._scheduler.finished(hinted, decision.ticket, answered=False)
+            if decision.route is Route.START:
+                self._scheduler.finished(hinted, decision.ticket, answered=False)
             await self._dead_letter_unreadable(body)
+            return
+        if decision.route is Route.PARK:
+            if not await self._backlog.park(hinted, task.event_id, task.attempt):
+                # A sweep's attempt published this retry and is still recording the attempt
+                # before it: parked now, the delivery would be left pending by that record.
+                await self._defer(body, headers, topology.DEFER_TIERS[0], count)
             return
         structlog.contextvars.bind_contextvars(
             event_id=task.event_id, webhook_id=task.webhook_id, attempt=task.attempt
@@ -91,6 +99,16 @@ class DeliveriesConsumer:
         await self._runner.run(
             task, decision.ticket, body, self._tracing.incoming(headers), recheck=True
         )
+
+    async def _defer(
+        self, body: bytes, headers: dict[str, Any], delay: float, deferrals: int
+    ) -> None:
+        await self._publisher.to_queue(
+            topology.deferred_queue_name(delay),
+            body,
+            {**headers, topology.DEFERRALS_HEADER: deferrals + 1},
+        )
+        self._metrics.deferred.inc()
 
     @staticmethod
     def _parse(body: bytes) -> DeliveryTask | None:

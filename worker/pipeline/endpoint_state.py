@@ -13,6 +13,8 @@ from worker.pipeline.pacing import Bucket
 FAST_SECONDS = 0.25
 # How many of the shortest deferral tiers a fast endpoint's tasks go through (1 s, 5 s, 30 s).
 FAST_ENDPOINT_TIERS = 3
+# The most parked deliveries leased for one endpoint at a time.
+MAX_RELEASE = 1_000
 
 # Shared empty containers: most endpoints, most of the time, have nothing in flight and nobody
 # waiting, and a deque of their own would cost 0.6 KB each. Replaced on first use.
@@ -91,3 +93,22 @@ class EndpointState:
         self.next_turn = turn
         wait = max(turn - now, at_least)
         return next((tier for tier in tiers if tier >= wait), tiers[-1])
+
+    def room(self, cap: int, queued: int, seconds: float, now: float) -> int:
+        """About how many parked deliveries it can start within ``seconds``, with ``queued``
+        tasks spoken for (see :meth:`~worker.pipeline.scheduler.Scheduler.room`)."""
+        claimed = len(self.in_flight) + queued + len(self.waiting)
+        if claimed >= cap and self.slow(now):
+            return 0
+        estimate = self.estimate(now)
+        if estimate is None:
+            room = max(0, cap - claimed)
+        else:
+            room = min(MAX_RELEASE, max(1, round(cap * seconds / max(estimate, 0.001))))
+        if self.bucket is not None:
+            # What its rate allows in that time, less what waits here for a token (the
+            # sweeper takes off what it holds leased itself). Not less what is queued: that
+            # count is of tasks this worker published, which may come round to any worker.
+            allowed = self.bucket.allowance(now, seconds)
+            room = min(room, allowed - len(self.waiting))
+        return max(0, room)

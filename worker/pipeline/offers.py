@@ -20,6 +20,7 @@ class Source(enum.Enum):
     NEW = "new"  # fan-out's first attempt of a delivery
     TASK = "task"  # a message from webhooks.deliveries
     BACKLOG = "backlog"  # a parked delivery the sweeper leased
+    LANE = "lane"  # the head of an ordered endpoint's backlog, offered by its lane
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,7 +166,7 @@ class Lane:
             # already be another worker's, whose lane would run beside this one.
             if webhook is None or not webhook.enabled or not await leases.confirm(webhook.id):
                 return False
-            decision = await self._scheduler.admit(self._webhook_id, Source.TASK)
+            decision = await self._scheduler.admit(self._webhook_id, Source.LANE)
             if decision.route is not Route.START:  # at its rate limit: its turn comes later
                 await self._recorded()
                 await asyncio.sleep(min(decision.delay, LONGEST_NAP))

@@ -21,6 +21,10 @@ record. A worker that dies with deliveries leased leaves them parked, and once t
 out any sweep leases them again; only the attempts it had sent and not recorded are sent twice.
 Each worker sweeps the endpoints it parked, and now and then adopts parked rows of any endpoint,
 so the backlog of a worker that died is picked up by another.
+
+An ordered endpoint's backlog is its lane's (:mod:`.ordered`), never swept: once an endpoint
+turns ordered, the sweeper leases no more of it, and hands what it holds leased back at once,
+free for the lane.
 """
 
 from __future__ import annotations
@@ -256,6 +260,10 @@ class ParkingSweeper:
         self, webhook_id: str, backlog: Backlog, leased: Leased, released: Callable[[], None]
     ) -> None:
         decision = await self._scheduler.admit(webhook_id, Source.BACKLOG)
+        if decision.route is Route.PARK:
+            # The endpoint became ordered: its backlog is its lane's, which sends it in order.
+            backlog.returned = (backlog.returned or []) + [leased.event_id]
+            return
         if decision.route is not Route.START:
             # The endpoint turned slow: back to the backlog, for the deferral's time.
             backlog.held = (backlog.held or []) + [leased.event_id]

@@ -13,6 +13,9 @@ parked backlog that the sweeper leased — and gets one of five answers:
 ``DEFER``  a task of a slow endpoint at its cap goes back to the broker for ``delay`` seconds
            (a leased delivery, to the parked backlog);
 ``PARK``   fan-out writes the delivery as parked; the sweeper attempts it at the endpoint's pace.
+           An ordered endpoint's attempts are started only for its lane (:mod:`.ordered`):
+           whatever else is offered for it goes to its backlog (a task's delivery is parked, a
+           leased delivery handed back), in which the lane sends them one at a time, in order.
 
 An offer that waits is decided later: it starts when a slot frees, or, once the endpoint turns
 slow, fan-out's offers are queued and tasks deferred, so a hanging endpoint holds nothing.
@@ -59,8 +62,6 @@ WEIGHT = 0.2
 # A count of tasks queued for an endpoint that has not moved for this long is forgotten: they
 # went to another worker.
 QUEUED_MEMORY_SECONDS = 10.0
-# The most parked deliveries leased for one endpoint at a time.
-MAX_RELEASE = 1_000
 IDLE_FORGET_SECONDS = 300.0
 MAX_ENDPOINTS = 100_000
 # How long a task of an endpoint at its rate limit may wait here for its turn before it goes
@@ -108,6 +109,11 @@ class Scheduler:
 
     def offer(self, webhook_id: str, source: Source, deferrals: int = 0) -> Offer:
         """Offer an attempt; the returned offer is decided now or, for WAIT, later."""
+        if source is not Source.LANE and self._ordered(webhook_id):
+            # One at a time, in order: its lane's to send (see PARK above).
+            offer = Offer(webhook_id, source, None)
+            offer.settle(Decision(Route.PARK))
+            return offer
         now = self._clock()
         endpoint = self._endpoint(webhook_id, now)
         self._pace(webhook_id, endpoint, now)
@@ -127,11 +133,7 @@ class Scheduler:
 
     def _offer_new(self, webhook_id: str, endpoint: EndpointState, slow: bool) -> Offer:
         offer = Offer(webhook_id, Source.NEW, None)
-        if self._ordered(webhook_id):
-            # Every delivery of an ordered endpoint waits in its backlog, in order, for the
-            # endpoint's lane; the sweeper, which releases in bulk, leaves it alone.
-            offer.settle(Decision(Route.PARK))
-        elif endpoint.parked:
+        if endpoint.parked:
             # New deliveries join the back of a parked backlog: they neither overtake it nor
             # crowd the slots the sweeper refills.
             endpoint.park_mark += 1
@@ -301,32 +303,26 @@ class Scheduler:
         now = self._clock()
         endpoint = self._endpoint(webhook_id, now)
         self._pace(webhook_id, endpoint, now)
-        claimed = len(endpoint.in_flight) + self._queued(endpoint) + len(endpoint.waiting)
-        if claimed >= self._cap and endpoint.slow(now):
-            return 0
-        estimate = endpoint.estimate(now)
-        if estimate is None:
-            room = max(0, self._cap - claimed)
-        else:
-            room = min(MAX_RELEASE, max(1, round(self._cap * seconds / max(estimate, 0.001))))
-        if endpoint.bucket is not None:
-            # What its rate allows in that time, less what waits here for a token (the
-            # sweeper takes off what it holds leased itself). Not less what is queued: that
-            # count is of tasks this worker published, which may come round to any worker.
-            allowed = endpoint.bucket.allowance(now, seconds)
-            room = min(room, allowed - len(endpoint.waiting))
-        return max(0, room)
+        return endpoint.room(self._cap, self._queued(endpoint), seconds, now)
 
     def parked(self) -> list[str]:
-        """Endpoints with a parked backlog that this worker sweeps."""
-        return [w for w, endpoint in self._endpoints.items() if endpoint.parked]
+        """Endpoints with a parked backlog that this worker sweeps. An ordered endpoint's
+        backlog is its lane's, which sends it one at a time: the sweeper, which releases in
+        bulk, drops it (and takes it up again at an adoption once it is no longer ordered)."""
+        swept = []
+        for webhook_id, endpoint in self._endpoints.items():
+            if endpoint.parked and self._ordered(webhook_id):
+                endpoint.parked = False
+            elif endpoint.parked:
+                swept.append(webhook_id)
+        return swept
 
     def adopt(self, webhook_ids: Sequence[str]) -> None:
         """Sweep these endpoints' parked backlogs too (another worker may have parked them)."""
         now = self._clock()
         for webhook_id in webhook_ids:
             if self._ordered(webhook_id):
-                continue  # its lane sends its backlog (see _offer_new)
+                continue  # its lane sends its backlog (see parked)
             endpoint = self._endpoint(webhook_id, now)
             endpoint.parked = True
             endpoint.park_mark += 1

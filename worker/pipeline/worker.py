@@ -145,8 +145,9 @@ class PipelineWorker:
             metrics, settings.max_event_bytes, self._tracing, store.events,
         )  # fmt: skip
         deliveries = DeliveriesConsumer(
-            scheduler, runner, self._publisher, delivery_settler, metrics, self._tracing
-        )
+            scheduler, runner, self._publisher, delivery_settler, metrics, self._tracing,
+            store.parked,
+        )  # fmt: skip
         sweeper = ParkingSweeper(
             store, scheduler, runner, metrics, cap=settings.endpoint_concurrency,
             global_cap=settings.delivery_concurrency, delivery_timeout=settings.delivery_timeout,

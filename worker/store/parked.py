@@ -2,7 +2,8 @@
 instead of in the broker until the endpoint has room (see :mod:`worker.pipeline.parking`).
 
 Fan-out parks deliveries through the pipeline's batch write; this repository counts them and
-leases them out to the sweeper, which makes their attempts.
+leases them out to the sweeper, which makes their attempts, and parks the delivery of a task
+that comes round for an endpoint that has turned ordered, for the endpoint's lane.
 """
 
 from __future__ import annotations
@@ -87,6 +88,31 @@ class ParkedDeliveries:
             )
             leased = {event_id for (event_id,) in taken}
         return [(event_id, *chosen[event_id]) for event_id in chosen if event_id in leased]
+
+    async def park(self, webhook_id: str, event_id: str, attempt: int) -> bool:
+        """Park the delivery of a task for attempt ``attempt`` that came round once its
+        endpoint was ordered, into the backlog the endpoint's lane sends in order; a pending
+        delivery keeps its next time and its attempts (the lane makes the next one).
+
+        Return False when the task must come round again later: its delivery is parked with
+        fewer attempts than come before ``attempt``, so a sweep published it as the retry of an
+        attempt whose record (which makes the delivery pending) is still to be written. Any
+        other task has done its part: its delivery is parked now or already was (the task is a
+        duplicate, or its event was parked again), or it has ended.
+        """
+        mine = sa.and_(deliveries.c.webhook_id == webhook_id, deliveries.c.event_id == event_id)
+        async with self._engine.begin() as connection:
+            parked = await connection.execute(
+                deliveries.update()
+                .where(mine, deliveries.c.state == "pending")
+                .values(state="parked", updated_at=utcnow())
+                .returning(deliveries.c.event_id)
+            )
+            if parked.first() is not None:
+                return True
+            query = sa.select(deliveries.c.state, deliveries.c.attempts).where(mine)
+            row = (await connection.execute(query)).first()
+        return row is None or row.state != "parked" or row.attempts >= attempt - 1
 
     async def hold(self, webhook_id: str, event_ids: Sequence[str], until: datetime) -> None:
         """Hand leased deliveries back to the backlog, not to be leased before ``until``
