@@ -236,6 +236,28 @@ async def test_auth_errors(service: Service) -> None:
     assert (status, body["error"]["code"]) == (401, "invalid_token")
 
 
+async def test_refusals_carry_the_bearer_challenge(service: Service) -> None:
+    """RFC 6750: a 401 or 403 names the scheme, and for a token that was sent, what was wrong
+    with it, so that a client library knows to fetch a new token or ask for the scope."""
+    realm = 'Bearer realm="sellfern-webhooks"'
+    no_scope = await service.token_for(service.org, scopes=("webhooks:read",))
+    for token, status, challenge in (
+        (None, 401, realm),
+        ("sfw_unknown", 401, f'{realm}, error="invalid_token"'),
+        (no_scope, 403, f'{realm}, error="insufficient_scope", scope="webhooks:manage"'),
+    ):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = f"{service.base}/api/v2/webhooks"
+        async with service.http.get(url, headers=headers) as response:
+            assert response.status == status
+            assert response.headers["WWW-Authenticate"] == challenge
+    async with service.http.get(
+        f"{service.base}/api/v2/webhooks", headers={"Authorization": f"Bearer {service.token}"}
+    ) as response:
+        assert response.status == 200
+        assert "WWW-Authenticate" not in response.headers
+
+
 async def test_other_organization_sees_nothing(service: Service, receiver: Receiver) -> None:
     created = await _create(service, receiver)
     other = await service.token_for("org_other_" + str(created["id"])[-6:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ BASE = "/api/v2"
 OPENAPI_PATH = f"{BASE}/openapi.json"
 MAX_BODY_BYTES = 64 * 1024
 REQUIRED_SCOPE = "webhooks:manage"
+CHALLENGE_REALM = "sellfern-webhooks"
 SECRET_ROTATION_OVERLAP = timedelta(hours=24)
 
 TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
@@ -38,19 +39,36 @@ log = structlog.get_logger("sellfern_webhooks.api")
 class ApiError(Exception):
     """An error answered as ``{"error": {"code", "message"}}``, a row of ``ERROR_CODES``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         if models.ERRORS_BY_CODE[code].status != status:
             raise ValueError(f"{code} is answered with {models.ERRORS_BY_CODE[code].status}")
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
-def error_response(code: str, message: str) -> web.Response:
+def error_response(
+    code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """The error body of ``code``, with the status the error table gives it."""
     status = models.ERRORS_BY_CODE[code].status
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    body = {"error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _challenge(error: str | None = None) -> dict[str, str]:
+    """RFC 6750's ``WWW-Authenticate`` for a refused bearer token; no error code when the
+    request carried none, as the RFC asks."""
+    value = f'Bearer realm="{CHALLENGE_REALM}"'
+    if error == "insufficient_scope":
+        value += f', error="insufficient_scope", scope="{REQUIRED_SCOPE}"'
+    elif error is not None:
+        value += f', error="{error}"'
+    return {"WWW-Authenticate": value}
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -77,7 +95,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.code, exc.message)
+        return error_response(exc.code, exc.message, exc.headers)
     except web.HTTPRequestEntityTooLarge:
         return error_response("payload_too_large", f"request body is over {MAX_BODY_BYTES} bytes")
     except web.HTTPNotFound:
@@ -121,10 +139,12 @@ async def _authenticate(request: web.Request, credentials: str) -> Token:
         try:
             return await verifier.authenticate(credentials)
         except InvalidJwtError as exc:
-            raise ApiError(401, "invalid_token", str(exc)) from None
+            raise ApiError(401, "invalid_token", str(exc), _challenge("invalid_token")) from None
     token = await request.app[STORE].tokens.authenticate(credentials)
     if token is None:
-        raise ApiError(401, "invalid_token", "the token is unknown or revoked")
+        raise ApiError(
+            401, "invalid_token", "the token is unknown or revoked", _challenge("invalid_token")
+        )
     return token
 
 
@@ -141,7 +161,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
-        raise ApiError(401, "invalid_token", "send Authorization: Bearer <token>")
+        raise ApiError(401, "invalid_token", "send Authorization: Bearer <token>", _challenge())
     token = await _authenticate(request, credentials.strip())
     wait = request.app[RATE_LIMITER].acquire(token.id)
     if wait > 0:
@@ -151,7 +171,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return response
     if REQUIRED_SCOPE not in token.scopes:
-        raise ApiError(403, "missing_scope", f"the token lacks scope {REQUIRED_SCOPE}")
+        raise ApiError(
+            403,
+            "missing_scope",
+            f"the token lacks scope {REQUIRED_SCOPE}",
+            _challenge("insufficient_scope"),
+        )
     request[TOKEN] = token
     structlog.contextvars.bind_contextvars(org_id=token.org_id, token_id=token.id)
     try:
