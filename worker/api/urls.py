@@ -59,10 +59,7 @@ def parse_url(raw: str, allowed: Sequence[guard.IPNetwork]) -> URL:
         raise InvalidUrlError("a fragment is never sent; remove it")
     if url.explicit_port == 0:
         raise InvalidUrlError("port 0 cannot be connected to; use a port from 1 to 65535")
-    if url.scheme == "http" and not (
-        literal is not None
-        and any(literal in net for net in allowed if net.version == literal.version)
-    ):
+    if url.scheme == "http" and not (literal is not None and guard.in_networks(literal, allowed)):
         raise InvalidUrlError("must use https")
     return url
 

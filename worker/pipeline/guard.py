@@ -93,9 +93,14 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
     return None
 
 
+def in_networks(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    """Whether ``address`` lies in one of ``networks`` (of its own IP version)."""
+    return any(address in network for network in networks if network.version == address.version)
+
+
 def is_denied(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> bool:
     """True when ``address`` may not be reached (after unwrapping any embedded IPv4)."""
-    if any(address in network for network in allowed if network.version == address.version):
+    if in_networks(address, allowed):
         return False
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is None and address.scope_id:
@@ -103,9 +108,7 @@ def is_denied(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> bool:
         inner = embedded_ipv4(address)
         if inner is not None and is_denied(inner, allowed):
             return True
-    return any(
-        address in network for network in DENIED_NETWORKS if network.version == address.version
-    )
+    return in_networks(address, DENIED_NETWORKS)
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
@@ -296,8 +299,7 @@ async def _check_special_use(
         except (OSError, TimeoutError):
             addresses = []
         if addresses and all(
-            any(ip in net for net in allowed if net.version == ip.version)
-            for ip in map(ipaddress.ip_address, addresses)
+            in_networks(ip, allowed) for ip in map(ipaddress.ip_address, addresses)
         ):
             return
     raise BlockedAddressError(f"{host}: {reason}")

@@ -26,6 +26,7 @@ crash. ``total`` is the number matching at creation; ``queued`` the number parke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from datetime import datetime
 from typing import Any
@@ -95,6 +96,16 @@ class RecoveryRepository:
             weakref.WeakValueDictionary()
         )
 
+    def _one_at_a_time(self, webhook_id: str) -> contextlib.AbstractAsyncContextManager[object]:
+        """On SQLite, this process's lock for creations for ``webhook_id``; on PostgreSQL
+        nothing, as the row lock taken in the transaction serializes them across processes."""
+        if self._postgresql:
+            return contextlib.nullcontext()
+        lock = self._creating.get(webhook_id)
+        if lock is None:
+            lock = self._creating[webhook_id] = asyncio.Lock()
+        return lock
+
     async def create(
         self,
         org_id: str,
@@ -110,24 +121,8 @@ class RecoveryRepository:
         ``MAX_RECOVERY_DELIVERIES`` deliveries match. The caller checks that the endpoint is
         the organization's and enabled, and that the window is valid.
         """
-        if self._postgresql:
-            return await self._create(org_id, webhook_id, since, until, status)
-        lock = self._creating.get(webhook_id)
-        if lock is None:
-            lock = self._creating[webhook_id] = asyncio.Lock()
-        async with lock:
-            return await self._create(org_id, webhook_id, since, until, status)
-
-    async def _create(
-        self,
-        org_id: str,
-        webhook_id: str,
-        since: datetime,
-        until: datetime | None,
-        status: RecoveryStatus,
-    ) -> Recovery:
-        now = utcnow()
-        async with self._engine.begin() as connection:
+        async with self._one_at_a_time(webhook_id), self._engine.begin() as connection:
+            now = utcnow()
             if self._postgresql:
                 # Serializes creations for one endpoint, so that a duplicate finds the first.
                 await connection.execute(
